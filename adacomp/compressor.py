@@ -1,0 +1,212 @@
+"""One worker's AdaComp compressor: residues (error feedback) plus the selection kernels.
+
+Chen et al., "AdaComp: Adaptive Residual Gradient Compression for Data-Parallel
+Distributed Training", AAAI 2018 (arXiv 1712.02679); the exact computation is
+ADACOMP.md section 1 and :mod:`adacomp._reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Union
+
+import torch
+
+from . import ops, payload
+from ._reference import SCALE_MODES, VALUE_MODES
+
+BinSize = Union[None, int, Mapping[str, Union[int, None]], Callable[[str, torch.Tensor], Union[int, None]]]
+
+#: Paper defaults (section "Experimental results"): bin 50 for convolutions, 500 for
+#: fully connected / recurrent / embedding weights.
+CONV_BIN_SIZE = 50
+FC_BIN_SIZE = 500
+#: Tensors smaller than this are sent dense by default (biases, norms, tiny layers).
+DEFAULT_MIN_NUMEL = 1024
+
+_PAYLOAD_KIND = {"ternary": payload.KIND_TERNARY, "fp16": payload.KIND_FP16, "fp32": payload.KIND_FP32}
+
+
+def _check_bin_size(value, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"bin_size{where} must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"bin_size{where} must be >= 1, got {value}")
+    if value > payload.MAX_BIN_SIZE:
+        raise ValueError(f"bin_size{where} must be at most {payload.MAX_BIN_SIZE}, got {value}")
+
+
+def default_bin_size(tensor: torch.Tensor, min_numel: int = DEFAULT_MIN_NUMEL) -> int | None:
+    """ADACOMP.md section 1: 50 for 3+-D tensors, 500 for 2-D, None (dense) otherwise."""
+    if tensor.numel() < min_numel or tensor.dim() < 2:
+        return None
+    return CONV_BIN_SIZE if tensor.dim() >= 3 else FC_BIN_SIZE
+
+
+class AdaComp:
+    """One worker's compressor, holding one residue per parameter name.
+
+    Args:
+        bin_size: ``None`` (the paper's defaults, see :func:`default_bin_size`), an int (that
+            bin size for every tensor of at least ``min_numel`` elements, whatever its
+            shape), a dict from name to int or ``None`` (names not in it follow the
+            defaults; ``None`` sends that tensor dense), or a callable
+            ``(name, tensor) -> int | None``.
+        scale: ``"binmax_mean"`` (mean of the bin maxima over bins that send; default) or
+            ``"selected_mean"`` (mean of ``|G_i|`` over sent elements).
+        values: ``"ternary"`` (sign times scale; default), ``"fp16"`` or ``"fp32"``
+            (send ``G_i`` itself).
+        min_numel: tensors with fewer elements are sent dense (int and default rules).
+        device: where residues live and selection runs; default: each gradient's device.
+    """
+
+    def __init__(self, bin_size: BinSize = None, scale: str = "binmax_mean",
+                 values: str = "ternary", min_numel: int = DEFAULT_MIN_NUMEL,
+                 device: torch.device | str | None = None):
+        if scale not in SCALE_MODES:
+            raise ValueError(f"scale must be one of {sorted(SCALE_MODES)}, got {scale!r}")
+        if values not in VALUE_MODES:
+            raise ValueError(f"values must be one of {sorted(VALUE_MODES)}, got {values!r}")
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+        if isinstance(bin_size, Mapping):
+            for k, v in bin_size.items():
+                _check_bin_size(v, f" for {k!r}")
+        elif not callable(bin_size):
+            _check_bin_size(bin_size, "")
+        self.bin_size = bin_size
+        self.scale = scale
+        self.values = values
+        self.min_numel = min_numel
+        self.device = torch.device(device) if device is not None else None
+        self._residues: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._spare: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ configuration
+    def config(self) -> dict:
+        """The settings that must agree between ranks (callables reported by name)."""
+        bs = self.bin_size
+        if callable(bs) and not isinstance(bs, Mapping):
+            bs = getattr(bs, "__qualname__", repr(bs))
+        elif isinstance(bs, Mapping):
+            bs = dict(sorted(bs.items()))
+        return {"bin_size": bs, "scale": self.scale, "values": self.values,
+                "min_numel": self.min_numel}
+
+    def bin_size_for(self, name: str, tensor: torch.Tensor) -> int | None:
+        """The bin size used for ``tensor`` under ``name``; ``None`` means sent dense."""
+        bs = self.bin_size
+        if bs is None:
+            return default_bin_size(tensor, self.min_numel)
+        if isinstance(bs, Mapping):
+            if name in bs:
+                return bs[name]
+            return default_bin_size(tensor, self.min_numel)
+        if callable(bs):
+            value = bs(name, tensor)
+            _check_bin_size(value, f" returned for {name!r}")
+            return value
+        return None if tensor.numel() < self.min_numel else bs
+
+    # ------------------------------------------------------------------ compression
+    def compress(self, name: str, grad: torch.Tensor) -> payload.Payload:
+        """Run ADACOMP.md section 1 on ``grad``, update ``name``'s residue, return the payload.
+
+        fp16/bf16 and non-contiguous gradients are accepted (the math is fp32). If the
+        gradient holds NaN/Inf the payload carries the non-finite flag (it decodes to NaN)
+        and the residue is left as it was.
+        """
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
+        if not grad.is_floating_point():
+            raise ValueError(f"compress({name!r}): gradient must be floating point, got {grad.dtype}")
+        shape = tuple(grad.shape)
+        known = self._shapes.get(name)
+        if known is not None and known != shape:
+            raise ValueError(f"compress({name!r}): gradient shape changed from {known} to {shape}; "
+                             "a residue is kept per name, so use a new name for a new tensor")
+        g = grad.detach()
+        if self.device is not None and g.device != self.device:
+            g = g.to(self.device)
+        L = self.bin_size_for(name, grad)
+        if L is None:
+            self._shapes[name] = shape
+            return payload.encode_dense(g)
+        flat = g.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.to(torch.float32)
+        flat = flat.contiguous()
+        n = flat.numel()
+        L = max(1, min(L, n))  # a bin larger than the tensor is the whole tensor
+        residue = self._residue_buffer(name, n, flat.device)
+        self._shapes[name] = shape
+        out = self._take_spare(n, flat.device)
+        counts, offsets, values, scale, info = ops.select(
+            flat, residue, out, L, SCALE_MODES[self.scale], VALUE_MODES[self.values])
+        n_sent, nonfinite = (int(x) for x in info.tolist())
+        kind = _PAYLOAD_KIND[self.values]
+        if nonfinite:
+            self._spare[(n, flat.device)] = out
+            return payload.encode_nonfinite(shape, L, kind)
+        self._residues[name] = out
+        self._spare[(n, flat.device)] = residue
+        return payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)
+
+    def _residue_buffer(self, name: str, n: int, device: torch.device) -> torch.Tensor:
+        r = self._residues.get(name)
+        if r is None:
+            r = self._residues[name] = torch.zeros(n, dtype=torch.float32, device=device)
+        elif r.device != device:
+            r = self._residues[name] = r.to(device)
+        return r
+
+    def _take_spare(self, n: int, device: torch.device) -> torch.Tensor:
+        # One spare buffer per (size, device) instead of one per name: the new residue is
+        # written into it, and the old residue becomes the spare. Writing into a separate
+        # buffer is what lets a non-finite step leave the residue untouched.
+        buf = self._spare.pop((n, device), None)
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.float32, device=device)
+        return buf
+
+    # ------------------------------------------------------------------ state
+    def residue(self, name: str) -> torch.Tensor:
+        """The residue of ``name`` in the gradient's shape (zeros before its first step)."""
+        if name not in self._shapes:
+            raise KeyError(f"no residue for {name!r}: it has not been compressed yet")
+        r = self._residues.get(name)
+        if r is None:  # sent dense: no error feedback
+            return torch.zeros(self._shapes[name])
+        return r.view(self._shapes[name])
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config(),
+            "residues": {k: v.detach().clone().cpu() for k, v in self._residues.items()},
+            "shapes": dict(self._shapes),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            residues, shapes, cfg = state["residues"], state["shapes"], state["config"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an AdaComp state_dict (missing {exc})") from None
+        if cfg != self.config():
+            raise ValueError(f"AdaComp state_dict was saved with settings {cfg}, this compressor "
+                             f"has {self.config()}")
+        new = {}
+        for k, v in residues.items():
+            if k not in shapes or tuple(v.reshape(shapes[k]).shape) != tuple(shapes[k]):
+                raise ValueError(f"AdaComp state_dict: residue {k!r} does not match its shape")
+            if v.dtype != torch.float32:
+                raise ValueError(f"AdaComp state_dict: residue {k!r} must be fp32, got {v.dtype}")
+            dev = self.device or v.device
+            new[k] = v.detach().reshape(-1).to(dev, copy=True).contiguous()
+        self._residues = new
+        self._shapes = {k: tuple(s) for k, s in shapes.items()}
+        self._spare.clear()

@@ -1,0 +1,157 @@
+"""The AdaComp kernels and the choice of backend.
+
+Two ops are declared once in ``csrc/adacomp.cpp`` with ``TORCH_LIBRARY``:
+
+* ``adacomp::select``: the fused selection (ADACOMP.md section 1, steps 1 to 6),
+* ``adacomp::decompress_sum_``: validate and add many payload bodies into a dense tensor.
+
+Backends, fastest first: ``"cuda"`` (CUDA tensors, extension built with CUDA), ``"cpp"``
+(the C++ CPU kernel), ``"numba"`` (a ``@njit(parallel=True)`` kernel, used on CPU when
+the extension is not built) and ``"torch"`` (the pure-PyTorch reference in
+:mod:`adacomp._reference`, any device). The environment variable ``ADACOMP_BACKEND``
+forces one. For fp32 input all backends give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _reference
+
+BACKENDS = ("cuda", "cpp", "numba", "torch")
+
+try:  # importing the extension registers the C++ (and CUDA) kernels
+    from . import _C  # noqa: F401
+
+    HAS_EXTENSION = True
+    _EXTENSION_ERROR = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    HAS_EXTENSION = False
+    _EXTENSION_ERROR = exc
+
+
+def _has_numba() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def extension_has_cuda() -> bool:
+    """Whether the built extension carries the CUDA kernels."""
+    if not HAS_EXTENSION:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("adacomp::select", "CUDA")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cuda":
+        if extension_has_cuda():
+            found.append("cuda")
+    elif device.type == "cpu":
+        if HAS_EXTENSION:
+            found.append("cpp")
+        if _has_numba():
+            found.append("numba")
+    found.append("torch")
+    return found
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """The backend used for tensors on ``device`` (``ADACOMP_BACKEND`` overrides)."""
+    forced = os.environ.get("ADACOMP_BACKEND")
+    avail = available_backends(device)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"ADACOMP_BACKEND={forced!r}: choose one of {', '.join(BACKENDS)}")
+        if forced not in avail:
+            hint = ""
+            if forced in ("cpp", "cuda") and not HAS_EXTENSION:
+                hint = f" (the extension adacomp._C is not built: {_EXTENSION_ERROR})"
+            raise RuntimeError(
+                f"ADACOMP_BACKEND={forced!r} is not available for {torch.device(device)} "
+                f"tensors{hint}; available: {', '.join(avail)}"
+            )
+        return forced
+    if not HAS_EXTENSION and torch.device(device).type == "cpu" and not _warned[0]:
+        _warned[0] = True
+        warnings.warn(
+            f"adacomp: native extension not built ({_EXTENSION_ERROR}); using the "
+            f"{avail[0]} backend. Reinstall with `pip install --no-build-isolation -e .`.",
+            stacklevel=2,
+        )
+    return avail[0]
+
+
+_warned = [False]
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("adacomp::select")
+    def _select_fake(grad, residue, residue_out, bin_size, scale_mode, value_mode):
+        n = grad.numel()
+        nb = -(-n // bin_size) if n else 0
+        if grad.device.type == "cuda":
+            cap = n
+        else:
+            cap = torch.library.get_ctx().new_dynamic_size()
+        return (
+            grad.new_empty((nb,), dtype=torch.int32),
+            grad.new_empty((cap,), dtype=torch.int32),
+            grad.new_empty((cap,), dtype=torch.float32),
+            grad.new_empty((1,), dtype=torch.float32),
+            grad.new_empty((2,), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("adacomp::decompress_sum_")
+    def _decompress_sum_fake(out, data, meta):
+        return None
+
+
+def select(grad, residue, residue_out, bin_size: int, scale_mode: int, value_mode: int):
+    """Run the selection on flat fp32 tensors with the backend in use for their device.
+
+    Returns ``(counts, offsets, values, scale, info)`` with exact sizes (``n_sent``
+    elements in offsets/values); ``residue_out`` receives the new residue.
+    """
+    which = backend(grad.device)
+    if which in ("cpp", "cuda"):
+        counts, offsets, values, scale, info = torch.ops.adacomp.select(
+            grad, residue, residue_out, bin_size, scale_mode, value_mode
+        )
+        if which == "cuda":  # capacity-sized outputs; one sync here, outside the kernel
+            k = int(info[0])
+            offsets, values = offsets[:k], values[:k]
+        return counts, offsets, values, scale, info
+    if which == "numba":
+        from . import _numba
+
+        return _numba.select(grad, residue, residue_out, bin_size, scale_mode, value_mode)
+    residue_new, counts, offsets, values, scale, info = _reference.select(
+        grad, residue, bin_size, scale_mode, value_mode
+    )
+    residue_out.copy_(residue_new)
+    return counts, offsets, values, scale, info
+
+
+def decompress_sum_(out: torch.Tensor, data: list[torch.Tensor], meta: list[int]) -> None:
+    """Validate all payload bodies, then add them into flat fp32 ``out`` in order."""
+    which = backend(out.device)
+    if which in ("cpp", "cuda"):
+        torch.ops.adacomp.decompress_sum_(out, data, meta)
+    elif which == "numba":
+        from . import _numba
+
+        _numba.decompress_sum_(out, data, meta)
+    else:
+        from . import payload
+
+        payload.reference_decompress_sum_(out, data, meta)

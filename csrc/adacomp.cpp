@@ -1,0 +1,29 @@
+// The op schemas, declared once. Kernels register themselves per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; the fake (meta) implementations used by
+// torch.compile live in adacomp/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing adacomp._C loads this shared library, which runs the registrations below.
+// The module itself has no Python-level functions (no pybind11 needed).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(adacomp, m) {
+  // One fused streaming pass of ADACOMP.md section 1 steps 1-6 over one flat tensor.
+  // residue_out receives R' = G - Q (it may alias residue). Returns
+  // (counts int32[n_bins], offsets int32[cap], values fp32[cap], scale fp32[1],
+  //  info int64[2] = [n_sent, nonfinite]); cap == n_sent on CPU, numel on CUDA
+  // (no host synchronisation there: read n_sent from info).
+  m.def(
+      "select(Tensor grad, Tensor residue, Tensor(a!) residue_out, int bin_size, "
+      "int scale_mode, int value_mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Validates, then adds, the bodies of many payloads into out, in list order.
+  // meta holds 8 integers per payload:
+  //   body_offset, numel, bin_size, n_sent, value_kind, nonfinite, scale_bits, reserved
+  m.def("decompress_sum_(Tensor(a!) out, Tensor[] data, int[] meta) -> ()");
+}
