@@ -379,7 +379,7 @@ def _reference_decode_body(p, t, body_offset, numel, bin_size, n_sent, kind, non
     if kind == KIND_DENSE:
         if body.numel() != 4 * numel:
             raise _bad(p, "payload length differs from the length its header implies")
-        vals = body.view(torch.float32)
+        vals = body.clone().view(torch.float32)  # clone: realign to 4 bytes
         if not bool(torch.isfinite(vals).all()):
             raise _bad(p, "a stored value is not finite but the non-finite flag is clear")
         return vals
@@ -428,9 +428,9 @@ def _reference_decode_body(p, t, body_offset, numel, bin_size, n_sent, kind, non
         s = torch.tensor(scale, dtype=torch.float32, device=device)
         vals = torch.where((fields >> w) != 0, -s, s)
     elif kind == KIND_FP16:
-        vals = body[vstart:vstart + 2 * n_sent].view(torch.float16).to(torch.float32)
+        vals = body[vstart:vstart + 2 * n_sent].clone().view(torch.float16).to(torch.float32)
     else:
-        vals = body[vstart:vstart + 4 * n_sent].view(torch.float32)
+        vals = body[vstart:vstart + 4 * n_sent].clone().view(torch.float32)
     if kind != KIND_TERNARY and not bool(torch.isfinite(vals).all()):
         raise _bad(p, "a stored value is not finite but the non-finite flag is clear")
     return bins * L + offs, vals

@@ -1,0 +1,156 @@
+"""Every backend against the reference, bit for bit (property-based)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import adacomp
+from adacomp import _reference as ref
+from adacomp import ops
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def run_backend(name, d, r, L, sm, vm):
+    out = torch.full_like(d, float("nan"))
+    if name == "cpp":
+        res = torch.ops.adacomp.select(d, r, out, L, sm, vm)
+    elif name == "numba":
+        from adacomp import _numba
+
+        res = _numba.select(d, r, out, L, sm, vm)
+    else:
+        res = ops.select(d, r, out, L, sm, vm)
+    return (out,) + tuple(res)
+
+
+def assert_same(got, want):
+    residue, counts, offsets, values, scale, info = got
+    r2, c2, o2, v2, s2, i2 = want
+    assert torch.equal(info, i2)
+    assert torch.equal(counts, c2)
+    assert torch.equal(offsets, o2)
+    assert torch.equal(bits(values), bits(v2))
+    assert torch.equal(bits(scale), bits(s2))
+    assert torch.equal(bits(residue), bits(r2))
+
+
+def test_extension_is_built():
+    """CI builds the extension; a silent fallback to a slower backend must fail here."""
+    if os.environ.get("ADACOMP_NO_EXTENSION") == "1":
+        pytest.skip("ADACOMP_NO_EXTENSION=1: extension deliberately not built")
+    assert ops.HAS_EXTENSION, f"adacomp._C failed to import: {ops._EXTENSION_ERROR}"
+    assert adacomp.ops.backend() == "cpp" or os.environ.get("ADACOMP_BACKEND")
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(0, 3000))
+    L = draw(st.one_of(st.integers(1, 64), st.sampled_from([50, 500, 4097]), st.integers(1, 5000)))
+    L = max(1, min(L, max(n, 1)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    sm = draw(st.sampled_from([0, 1]))
+    vm = draw(st.sampled_from([0, 1, 2]))
+    style = draw(st.sampled_from(["normal", "wide", "sparse", "ties"]))
+    return n, L, seed, sm, vm, style
+
+
+def make(n, seed, style):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, generator=g)
+    r = torch.randn(n, generator=g) * 0.3
+    if style == "wide":  # magnitudes over many decades, fp16 saturation, subnormals
+        d = d * torch.pow(10.0, torch.randint(-40, 38, (n,), generator=g).float() / 2)
+    elif style == "sparse":  # mostly exact zeros: all-zero bins and G == 0 cases
+        mask = torch.rand(n, generator=g) < 0.9
+        d[mask] = 0.0
+        r[mask] = 0.0
+        r[~mask & (torch.rand(n, generator=g) < 0.5)] *= -1
+    elif style == "ties":  # small integers: many |H| == gmax ties and G == 0 cancellations
+        d = torch.randint(-3, 4, (n,), generator=g).float()
+        r = torch.randint(-3, 4, (n,), generator=g).float()
+    return d, r
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+@SETTINGS
+@given(case=cases())
+def test_backend_matches_reference(backend, case):
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} not available in this build")
+    n, L, seed, sm, vm, style = case
+    d, r = make(n, seed, style)
+    want = ref.select(d, r, L, sm, vm)
+    got = run_backend(backend, d, r, L, sm, vm)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_large_tensor_many_threads(backend):
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} not available in this build")
+    d, r = make(1_000_003, 7, "normal")
+    for L in (50, 500):
+        assert_same(run_backend(backend, d, r, L, 0, 0), ref.select(d, r, L, 0, 0))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_nonfinite_detected(backend):
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} not available in this build")
+    d, r = make(10_000, 1, "normal")
+    d[9_999] = float("nan")
+    assert run_backend(backend, d, r, 50, 0, 0)[5][1].item() == 1
+    d[9_999] = float("-inf")
+    assert run_backend(backend, d, r, 50, 1, 1)[5].tolist()[1] == 1
+
+
+def test_cpp_kernel_rejects_bad_input():
+    if "cpp" not in ops.available_backends("cpu"):
+        pytest.skip("cpp not available in this build")
+    d = torch.randn(10)
+    with pytest.raises(ValueError, match="bin_size must be >= 1"):
+        torch.ops.adacomp.select(d, d, torch.empty(10), 0, 0, 0)
+    with pytest.raises(ValueError, match="fp32"):
+        torch.ops.adacomp.select(d.double(), d, torch.empty(10), 5, 0, 0)
+    with pytest.raises(ValueError, match="elements"):
+        torch.ops.adacomp.select(d, torch.randn(9), torch.empty(10), 5, 0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.adacomp.select(torch.randn(20)[::2], d, torch.empty(10), 5, 0, 0)
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("ADACOMP_BACKEND", "torch")
+    assert ops.backend() == "torch"
+    monkeypatch.setenv("ADACOMP_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        ops.backend()
+    monkeypatch.setenv("ADACOMP_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="not available"):
+        ops.backend("cpu")
+
+
+def test_torch_compile_traces_the_op():
+    if not ops.HAS_EXTENSION:
+        pytest.skip("torch.compile test needs the extension (the op is declared in C++)")
+
+    def step(d, r, out):
+        d = d * 2.0
+        counts, offsets, values, scale, info = torch.ops.adacomp.select(d, r, out, 50, 0, 0)
+        return counts.sum() + info[0], values.abs().sum()
+
+    d, r = make(5000, 3, "normal")
+    out1, out2 = torch.empty(5000), torch.empty(5000)
+    eager = step(d, r, out1)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(d, r, out2)
+    assert torch.equal(eager[0], got[0]) and torch.equal(eager[1], got[1])
+    assert torch.equal(out1, out2)
