@@ -280,7 +280,7 @@ def _walk(body, numel, L, n_sent, kind, scale, out, apply):
         if j + c > n_sent:
             return 3
         prev = -1
-        for t in range(c):
+        for _ in range(c):
             f = _get_bits(body, ebase + epos, fbits)
             epos += fbits
             o = f & mask
@@ -292,7 +292,8 @@ def _walk(body, numel, L, n_sent, kind, scale, out, apply):
             if kind == 0:
                 v = -scale if (f >> w) != 0 else scale
             elif kind == 1:
-                v = _half_bits_to_float(np.int64(body[vstart + 2 * j]) | (np.int64(body[vstart + 2 * j + 1]) << 8))
+                lo = np.int64(body[vstart + 2 * j])
+                v = _half_bits_to_float(lo | (np.int64(body[vstart + 2 * j + 1]) << 8))
                 if not np.isfinite(v):
                     return 8
             else:

@@ -7,14 +7,15 @@ ADACOMP.md section 1 and :mod:`adacomp._reference`.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Union
 
 import torch
 
 from . import ops, payload
 from ._reference import SCALE_MODES, VALUE_MODES
 
-BinSize = Union[None, int, Mapping[str, Union[int, None]], Callable[[str, torch.Tensor], Union[int, None]]]
+BinSize = Union[None, int, Mapping[str, Union[int, None]], Callable[[str, torch.Tensor], Union[int, None]]]  # noqa: UP007
 
 #: Paper defaults (section "Experimental results"): bin 50 for convolutions, 500 for
 #: fully connected / recurrent / embedding weights.

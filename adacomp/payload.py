@@ -231,15 +231,17 @@ class Payload:
         self.header = header
 
     @classmethod
-    def from_bytes(cls, data) -> "Payload":
+    def from_bytes(cls, data) -> Payload:
         """Parse (and validate the header and length of) a payload from bytes."""
         data = bytes(data)
         header = parse_header(data, len(data))
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        t = torch.empty(0, dtype=torch.uint8)
+        if data:
+            t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return cls(t, header)
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> "Payload":
+    def from_tensor(cls, tensor: torch.Tensor) -> Payload:
         """Wrap a received uint8 tensor (exactly one payload long), validating its header."""
         return cls(tensor)
 
