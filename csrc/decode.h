@@ -78,69 +78,73 @@ inline BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, i
   return l;
 }
 
-// Reads LSB-first bit fields; never reads past `nbits`.
+// Reads LSB-first bit fields with 64-bit loads; never reads outside its byte range
+// (the last bytes are assembled one by one, zero-padded).
 struct BitReader {
   const uint8_t* p;
+  int64_t nbytes;
   int64_t nbits;
   int64_t pos = 0;
-  BitReader(const uint8_t* data, int64_t nbytes) : p(data), nbits(nbytes * 8) {}
+  BitReader(const uint8_t* data, int64_t n) : p(data), nbytes(n), nbits(n * 8) {}
+  // 64 bits starting at byte `byte`, zero beyond the end.
+  inline uint64_t load64(int64_t byte) const {
+    uint64_t v = 0;
+    if (byte + 8 <= nbytes) {
+      memcpy(&v, p + byte, 8);
+    } else {
+      for (int64_t i = byte; i < nbytes; ++i) v |= (uint64_t)p[i] << (8 * (i - byte));
+    }
+    return v;
+  }
   inline uint32_t bit() {
     uint32_t b = (p[pos >> 3] >> (pos & 7)) & 1u;
     ++pos;
     return b;
   }
-  inline uint64_t bits(int n) {  // n <= 57, caller checked bounds
-    uint64_t v = 0;
-    int got = 0;
-    while (got < n) {
-      const int64_t byte = pos >> 3;
-      const int sh = (int)(pos & 7);
-      int take = 8 - sh;
-      if (take > n - got) take = n - got;
-      v |= (uint64_t)((p[byte] >> sh) & ((1u << take) - 1u)) << got;
-      got += take;
-      pos += take;
-    }
-    return v;
+  inline uint64_t bits(int n) {  // n <= 56; the caller checked that they exist
+    if (n == 0) return 0;
+    const uint64_t v = load64(pos >> 3) >> (pos & 7);
+    pos += n;
+    return v & ((n == 64) ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1));
   }
-  // Number of 1-bits before the next 0-bit, reading at most `limit` bits past pos.
-  // Returns -1 if no 0-bit is found within the limit.
+  // Number of 1-bits before the next 0-bit, which is consumed; at most `limit` 1-bits may
+  // precede it and it must lie inside the stream. Returns -1 otherwise.
   inline int64_t unary(int64_t limit) {
     int64_t c = 0;
     while (true) {
-      if (c > limit || pos >= nbits) return -1;
-      const int64_t byte = pos >> 3;
+      if (pos >= nbits) return -1;
       const int sh = (int)(pos & 7);
-      uint32_t v = (uint32_t)(p[byte] >> sh);
-      const int avail = 8 - sh;
-      uint32_t zeros = ~v & ((1u << avail) - 1u);
-      if (zeros) {
-        int t = __builtin_ctz(zeros);
-        if (c + t >= limit + 1) return -1;
+      const uint64_t w = ~(load64(pos >> 3) >> sh);  // zeros of the stream become ones
+      const int avail = 64 - sh;                       // bits of this load that are real
+      const uint64_t live = avail == 64 ? w : (w & ((((uint64_t)1) << avail) - 1));
+      if (live) {
+        const int t = __builtin_ctzll(live);
+        if (pos + t >= nbits) return -1;  // the 0-bit found is zero padding past the end
+        if (c + t > limit) return -1;
         pos += t + 1;
         return c + t;
       }
       c += avail;
       pos += avail;
+      if (c > limit) return -1;
     }
   }
 };
 
-// Walks one body; with Apply, adds the decoded values into out[0..numel).
-// Returns a DecodeError code. `scale` is used for the ternary kind.
-template <bool Apply>
-int walk_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, float scale,
-              float* out) {
+// Validates one body and calls visit(index, value) for every element it holds, in
+// increasing index order (dense kind: every element). Returns a DecodeError code; on an
+// error, elements before it may already have been visited, so callers that must not
+// change anything on error validate first (with a no-op visitor) or collect first.
+template <class Visit>
+int visit_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, float scale,
+               Visit&& visit) {
   if (body_bytes != l.count_bytes + l.entry_bytes + l.value_bytes) return kLengthMismatch;
   if (l.kind == kValueDense) {
     for (int64_t i = 0; i < l.numel; ++i) {
       float v;
       memcpy(&v, body + 4 * i, 4);
-      if (!Apply) {
-        if (!(v - v == 0.0f)) return kValueNotFinite;
-      } else {
-        out[i] += v;
-      }
+      if (!(v - v == 0.0f)) return kValueNotFinite;
+      visit(i, v);
     }
     return kOk;
   }
@@ -176,7 +180,7 @@ int walk_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, floa
         memcpy(&v, values + 4 * j, 4);
         if (!(v - v == 0.0f)) return kValueNotFinite;
       }
-      if (Apply) out[start + o] += v;
+      visit(start + o, v);
     }
   }
   if (j != l.n_sent || counts.pos != count_bits) return kCountMismatch;
@@ -187,6 +191,16 @@ int walk_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, floa
     if (entries.bit()) return kEntryPadding;
   }
   return kOk;
+}
+
+// Validation only (Apply = false) or validate-and-add into out (Apply = true).
+template <bool Apply>
+int walk_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, float scale,
+              float* out) {
+  if (Apply) {
+    return visit_body(body, body_bytes, l, scale, [out](int64_t i, float v) { out[i] += v; });
+  }
+  return visit_body(body, body_bytes, l, scale, [](int64_t, float) {});
 }
 
 }  // namespace adacomp
