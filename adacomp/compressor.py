@@ -119,6 +119,17 @@ class AdaComp:
         gradient holds NaN/Inf the payload carries the non-finite flag (it decodes to NaN)
         and the residue is left as it was.
         """
+        p, pending = self.prepare(name, grad)
+        self.commit(pending)
+        return p
+
+    def prepare(self, name: str, grad: torch.Tensor):
+        """Two-phase :meth:`compress`: the payload, and a pending residue update.
+
+        Integrations call :meth:`commit` once every rank agreed that the payload is used,
+        or :meth:`discard` (residue untouched) when the step goes dense or another rank saw
+        a non-finite gradient. ``pending`` is ``None`` when there is nothing to commit.
+        """
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
         if not grad.is_floating_point():
@@ -132,9 +143,9 @@ class AdaComp:
         if self.device is not None and g.device != self.device:
             g = g.to(self.device)
         L = self.bin_size_for(name, grad)
+        self._shapes[name] = shape
         if L is None:
-            self._shapes[name] = shape
-            return payload.encode_dense(g)
+            return payload.encode_dense(g), None
         flat = g.reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.to(torch.float32)
@@ -142,7 +153,6 @@ class AdaComp:
         n = flat.numel()
         L = max(1, min(L, n))  # a bin larger than the tensor is the whole tensor
         residue = self._residue_buffer(name, n, flat.device)
-        self._shapes[name] = shape
         out = self._take_spare(n, flat.device)
         counts, offsets, values, scale, info = ops.select(
             flat, residue, out, L, SCALE_MODES[self.scale], VALUE_MODES[self.values])
@@ -150,10 +160,25 @@ class AdaComp:
         kind = _PAYLOAD_KIND[self.values]
         if nonfinite:
             self._spare[(n, flat.device)] = out
-            return payload.encode_nonfinite(shape, L, kind)
+            return payload.encode_nonfinite(shape, L, kind), None
+        p = payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)
+        return p, (name, out)
+
+    def commit(self, pending) -> None:
+        """Make a pending residue update from :meth:`prepare` the residue."""
+        if pending is None:
+            return
+        name, out = pending
+        old = self._residues[name]
         self._residues[name] = out
-        self._spare[(n, flat.device)] = residue
-        return payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)
+        self._spare[(old.numel(), old.device)] = old
+
+    def discard(self, pending) -> None:
+        """Drop a pending residue update: the residue stays as it was before the step."""
+        if pending is None:
+            return
+        _, out = pending
+        self._spare[(out.numel(), out.device)] = out
 
     def _residue_buffer(self, name: str, n: int, device: torch.device) -> torch.Tensor:
         r = self._residues.get(name)

@@ -1,0 +1,82 @@
+"""Traffic statistics shared by the integrations (DDP hook, Horovod, mpi4py).
+
+Compression ratios are always measured on bytes (ADACOMP.md section 2): dense fp32 bytes
+of the gradients divided by the bytes this rank actually handed to collectives, headers,
+padding and metadata included.
+"""
+
+from __future__ import annotations
+
+import copy
+
+KINDS = ("conv", "fc", "dense", "overhead")
+KIND_HELP = {
+    "conv": "compressed tensors of 3+ dims (convolutions)",
+    "fc": "compressed tensors of 1-2 dims (fully connected, recurrent, embedding)",
+    "dense": "tensors sent dense (by rule, by fallback, or before start_iter)",
+    "overhead": "size exchange, padding of the payload allgather, decisions",
+}
+
+
+def layer_kind(shape) -> str:
+    return "conv" if len(shape) >= 3 else "fc"
+
+
+def _zero():
+    return {k: {"dense_bytes": 0, "wire_bytes": 0} for k in KINDS}
+
+
+class TrafficStats:
+    """Cumulative and last-step bytes, split by kind of layer."""
+
+    def __init__(self):
+        self.total = _zero()
+        self.last = _zero()
+        self._current = _zero()
+        self.steps = 0
+        self.last_exchange: dict = {}
+
+    def add(self, kind: str, dense_bytes: int = 0, wire_bytes: int = 0) -> None:
+        c = self._current[kind]
+        c["dense_bytes"] += int(dense_bytes)
+        c["wire_bytes"] += int(wire_bytes)
+
+    def end_step(self) -> None:
+        self.last = self._current
+        for k in KINDS:
+            for f in ("dense_bytes", "wire_bytes"):
+                self.total[k][f] += self.last[k][f]
+        self._current = _zero()
+        self.steps += 1
+
+    @staticmethod
+    def _summary(split):
+        out = {}
+        dense = wire = 0
+        for k in KINDS:
+            d, w = split[k]["dense_bytes"], split[k]["wire_bytes"]
+            out[k] = {"dense_bytes": d, "wire_bytes": w, "ratio": (d / w) if w else None}
+            dense += d
+            wire += w
+        out["all"] = {"dense_bytes": dense, "wire_bytes": wire, "ratio": (dense / wire) if wire else None}
+        return out
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "total": self._summary(self.total),
+                "last_step": self._summary(self.last)}
+
+    def state_dict(self) -> dict:
+        return {"total": copy.deepcopy(self.total), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = copy.deepcopy(state["total"])
+        self.steps = int(state["steps"])
+
+    def format(self) -> str:
+        s = self.as_dict()["total"]
+        parts = []
+        for k in ("conv", "fc", "dense", "all"):
+            r = s[k]["ratio"]
+            parts.append(f"{k}={r:.1f}x" if r else f"{k}=-")
+        return (f"step {self.steps}: wire {s['all']['wire_bytes'] / 1e6:.2f} MB for "
+                f"{s['all']['dense_bytes'] / 1e6:.2f} MB dense; ratio " + " ".join(parts))

@@ -1,0 +1,128 @@
+"""The DDP communication hook on real processes (gloo, world sizes 2 and 3).
+
+Each test spawns workers that train with ``register_comm_hook(AdaCompState(...),
+adacomp_hook)`` and compares against a single-process simulation of the same workers
+running the core compressor directly (tests/_ddp_scenarios.py).
+"""
+
+import functools
+
+import pytest
+import torch
+
+from . import _ddp_scenarios as sc
+from . import _dist
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+CNN = {"bin_size": None, "min_numel": 64}          # paper defaults: conv 50, fc 500, 1-D dense
+ALL_COMPRESSED = {"bin_size": 50, "min_numel": 0}  # every tensor, biases included
+
+
+def run(tmp_path, fn, world, *args, timeout=240):
+    return _dist.results(_dist.run(fn, world, *args, out_dir=str(tmp_path), timeout=timeout))
+
+
+def assert_params_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(-1).view(torch.int32) if a[k].dtype == torch.float32 else a[k],
+                           b[k].view(-1).view(torch.int32) if b[k].dtype == torch.float32 else b[k]), k
+
+
+def assert_ranks_identical(res):
+    for r in res[1:]:
+        assert r["digests"] == res[0]["digests"], "ranks diverged"
+
+
+@pytest.mark.parametrize("kind", ["cnn", "lstm"])
+def test_hook_equals_simulation_world2(tmp_path, kind):
+    res = run(tmp_path, sc.train, 2, kind, CNN, STEPS)
+    assert_ranks_identical(res)
+    sim = sc.simulate(kind, 2, CNN, STEPS)
+    assert res[0]["digests"] == sim["digests"]  # bit-identical after every step
+    assert_params_equal(res[0]["params"], sim["params"])
+    for n, r in sim["residues"].items():  # rank 0's residues, keyed by name
+        assert torch.equal(res[0]["residues"][n], r), n
+    st = res[0]["stats"]
+    assert st["steps"] == STEPS
+    assert st["total"]["all"]["wire_bytes"] < st["total"]["all"]["dense_bytes"]
+    assert "compressed" in st["decisions"].values() and "dense" in st["decisions"].values()
+
+
+def test_hook_equals_simulation_world3_all_compressed(tmp_path):
+    """World 3 with every tensor compressed: the project sums everything itself, in rank
+    order, so even three workers are bit-identical to the simulation."""
+    res = run(tmp_path, sc.train, 3, "cnn", ALL_COMPRESSED, STEPS)
+    assert_ranks_identical(res)
+    sim = sc.simulate("cnn", 3, ALL_COMPRESSED, STEPS)
+    assert res[0]["digests"] == sim["digests"]
+
+
+def test_hook_world3_with_dense_tensors(tmp_path):
+    """World 3 with dense tensors: gloo's allreduce may sum three values in another order
+    than the simulation, so parameters agree to fp32 rounding (ranks still bit-identical)."""
+    res = run(tmp_path, sc.train, 3, "lstm", CNN, STEPS)
+    assert_ranks_identical(res)
+    sim = sc.simulate("lstm", 3, CNN, STEPS)
+    for n, p in sim["params"].items():
+        torch.testing.assert_close(res[0]["params"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = run(tmp_path / "a", functools.partial(sc.train, save_at=3), 2, "cnn", CNN, STEPS)
+    ckpts = [r["saved"] for r in full]
+    resumed = run(tmp_path / "b", functools.partial(sc.train, resume=ckpts), 2, "cnn", CNN, STEPS)
+    assert resumed[0]["digests"] == full[0]["digests"][3:]
+    assert_params_equal(resumed[0]["params"], full[0]["params"])
+    assert resumed[1]["iter"] == STEPS
+
+
+def test_nonfinite_gradient_skips_step_and_keeps_residues(tmp_path):
+    hist = run(tmp_path, sc.train_scaler, 2, "cnn", CNN, 4, 2, 1)
+    for rank, h in enumerate(hist):
+        bad = h[2]
+        assert not bad["grads_finite"], f"rank {rank}: averaged gradient should be non-finite"
+        assert_params_equal(bad["before"], bad["after"])  # the scaler skipped the step
+        for n in bad["res_before"]:
+            assert torch.equal(bad["res_before"][n], bad["res_after"][n]), n
+        assert bad["scale"] < h[1]["scale"]
+        assert h[3]["grads_finite"] and not all(  # and training goes on
+            torch.equal(h[3]["before"][n], h[3]["after"][n]) for n in h[3]["before"])
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(CNN, accumulate=2),            # no_sync gradient accumulation
+    dict(CNN, static_graph=True),
+    dict(CNN, start_iter=2),            # dense warm-up steps, then AdaComp
+    dict(CNN, bucket_cap_mb=25),        # one big bucket holding every parameter
+], ids=["no_sync", "static_graph", "start_iter", "one_bucket"])
+def test_hook_variants_equal_simulation(tmp_path, cfg):
+    res = run(tmp_path, sc.train, 2, "cnn", cfg, 4)
+    assert_ranks_identical(res)
+    assert res[0]["digests"] == sc.simulate("cnn", 2, cfg, 4)["digests"]
+
+
+def test_find_unused_parameters(tmp_path):
+    cfg = dict(CNN, find_unused=True)
+    res = run(tmp_path, sc.train, 2, "unused", cfg, 4)
+    assert_ranks_identical(res)
+    assert res[0]["digests"] == sc.simulate("unused", 2, cfg, 4)["digests"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients(tmp_path, dtype):
+    res = run(tmp_path, functools.partial(sc.train, dtype=dtype), 2, "cnn", ALL_COMPRESSED, 3)
+    assert_ranks_identical(res)
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in res[0]["params"].values())
+    assert res[0]["stats"]["total"]["conv"]["ratio"] > 2
+
+
+def test_config_mismatch_raises_on_every_rank(tmp_path):
+    outcomes = _dist.run(sc.mismatch, 2, out_dir=str(tmp_path), timeout=120)
+    for o in outcomes:
+        assert not o["ok"], "a differing configuration must not pass silently"
+        assert "configuration differs between ranks" in o["error"]
