@@ -12,5 +12,6 @@ from .compressor import AdaComp, default_bin_size
 from .ddp import AdaCompState, adacomp_hook
 from .payload import Payload, decompress, decompress_sum
 
-__all__ = ["AdaComp", "AdaCompState", "adacomp_hook", "Payload", "decompress", "decompress_sum", "default_bin_size", "ops"]
+__all__ = ["AdaComp", "AdaCompState", "adacomp_hook", "Payload", "decompress", "decompress_sum",
+           "default_bin_size", "ops"]
 __version__ = "0.1.0"

@@ -45,9 +45,8 @@ class ConfigMismatchError(RuntimeError):
 
 
 def config_hash(comp: AdaComp, names, grads, bins) -> int:
-    desc = json.dumps({"config": comp.config(),
-                       "tensors": [[n, list(g.shape), str(g.dtype), b] for n, g, b in zip(names, grads, bins)]},
-                      sort_keys=True, default=str)
+    tensors = [[n, list(g.shape), str(g.dtype), b] for n, g, b in zip(names, grads, bins)]
+    desc = json.dumps({"config": comp.config(), "tensors": tensors}, sort_keys=True, default=str)
     return int.from_bytes(hashlib.blake2b(desc.encode(), digest_size=8).digest(), "little") >> 1
 
 

@@ -149,7 +149,8 @@ def train_scaler(rank, world, kind, cfg, steps, bad_step, bad_rank):
         if step == bad_step and rank == bad_rank:
             loss = loss * float("inf")
         scaler.scale(loss).backward()
-        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        grads_finite = all(bool(torch.isfinite(p.grad).all())
+                           for p in model.parameters() if p.grad is not None)
         scaler.step(opt)
         scaler.update()
         res_after = {n: state.compressor.residue(n).clone() for n in state.compressor.names()}
