@@ -29,7 +29,7 @@ test: install data
 
 # The main job on its default data: dense vs AdaComp on digits, 2 processes.
 train: install
-	$(PIP) install --quiet scikit-learn
+	$(PIP) install --quiet scikit-learn matplotlib
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) launch/train.py
 
 bench: install

@@ -63,7 +63,9 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "numba": ["numba>=0.59"],
-        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff"],
+        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff", "matplotlib", "scikit-learn"],
+        "plot": ["matplotlib"],
+        "data": ["scikit-learn", "mlxtend"],
         "mpi": ["mpi4py>=3.1"],
     },
     ext_modules=ext_modules,

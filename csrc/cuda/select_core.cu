@@ -9,18 +9,22 @@
 //      registers, and finds each bin's max|G| with a segmented warp reduction plus a
 //      shared-memory atomicMax on the float bits (non-negative floats order like their
 //      uint32 bits; NaN sorts above inf, so a NaN bin sends nothing, as in the reference).
-//      It then tests every element, writes residue_out once (G, or G - Q for fp16/fp32),
-//      writes the per-bin counts, and compacts the tile's sent elements in flat order into
-//      a per-tile staging area of the workspace (positions from warp ballots and one block
-//      scan over the tile's 32-element chunks). Tile t stages at its own first element
-//      index, so staging can never overflow and tiles never overlap. Histogram terms of the
-//      ternary scale go to shared memory and then, integer atomics, to the workspace.
+//      It then tests every element, writes residue_out = G (coalesced, once), writes the
+//      per-bin counts, and compacts the tile-local indices of its sent elements, in flat
+//      order, into a per-tile staging area of the workspace (positions from warp ballots and
+//      one block scan over the tile's 32-element chunks). Tile t stages at its own first
+//      element index, so staging can never overflow and tiles never overlap. Histogram
+//      terms of the ternary scale go to shared memory and then, integer atomics, to the
+//      workspace.
 //   2. finalize_kernel, one block: exclusive scan of the per-tile counts (the compacted start
 //      of each tile), info = {total, nonfinite}, and the scale from the exponent histogram
 //      with adacomp::combine_histogram (common.h), computed by a single thread.
-//   3. compact_kernel, one block per tile: copies the tile's staged entries to their final
-//      position in offsets/values; for ternary values it writes Q = +-scale and the sent
-//      elements' residue G - Q (the scale is only known after every tile has run).
+//   3. compact_kernel, one block per tile: for each staged index, reads G back from
+//      residue_out, writes the bin-local offset and Q (+-scale, or G rounded) at the
+//      compacted position and G - Q into residue_out. Deferring Q to here is what the
+//      ternary scale needs (it is known only after every tile has run) and keeps the
+//      staging to 2 bytes per element; the extra traffic is a read and a write of the sent
+//      elements only.
 //
 // Bins larger than a tile cannot be held on chip, so their max needs a pass of its own:
 // big_bin_max_kernel reads dW and R, writes G to residue_out and atomicMax-es each bin's
@@ -79,7 +83,7 @@ struct Plan {
   int bins_per_tile;      // fused path
   int64_t tile_stride;    // elements per tile (the last one may be shorter)
   int64_t n_tiles;
-  size_t off_header, off_tile_count, off_tile_start, off_gmax, off_stage_val, off_stage_idx;
+  size_t off_header, off_tile_count, off_tile_start, off_gmax, off_stage;
   size_t bytes;
 };
 
@@ -102,8 +106,7 @@ Plan make_plan(int64_t n, int64_t bin_size) {
   p.off_tile_count = take((size_t)p.n_tiles * sizeof(int32_t));
   p.off_tile_start = take((size_t)p.n_tiles * sizeof(int64_t));
   p.off_gmax = take(p.big ? (size_t)p.n_bins * sizeof(uint32_t) : 0);
-  p.off_stage_val = take((size_t)n * sizeof(float));
-  p.off_stage_idx = take((size_t)n * sizeof(uint16_t));
+  p.off_stage = take((size_t)n * sizeof(uint16_t));
   p.bytes = off;
   return p;
 }
@@ -127,8 +130,7 @@ struct SelectArgs {
   int32_t* tile_count;
   int64_t* tile_start;
   uint32_t* gmax;       // big path: per-bin max|G| bits
-  float* stage_val;     // per-tile staging: G (ternary) or Q (fp16/fp32) of sent elements
-  uint16_t* stage_idx;  // ... and their index inside the tile
+  uint16_t* stage;      // per-tile staging: tile-local indices of the sent elements
 };
 
 // ------------------------------------------------------------------ warp helpers
@@ -342,9 +344,7 @@ __global__ void __launch_bounds__(kBlock, 3) select_tiles_kernel(SelectArgs a) {
     if (__syncthreads_or(bad) && tid == 0) atomicOr(&a.header->nonfinite, 1u);
   }
 
-  // Select. Afterwards g[k] holds what is staged for a sent element (G for ternary, whose
-  // Q needs the global scale; Q for fp16/fp32) and h[k] the residue to store.
-  uint32_t sent_bits = 0;
+  uint32_t sent_bits = 0;  // bit k: item k is sent
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     if (k * kBlock + warp * 32 >= len) continue;  // warp-uniform
@@ -356,18 +356,10 @@ __global__ void __launch_bounds__(kBlock, 3) select_tiles_kernel(SelectArgs a) {
     if (lane == 0) s_chunk[k * kWarps + warp] = __popc(ballot);
     uint32_t c;
     if (segment_reduce<SumOp>(sent ? 1u : 0u, bin, wide, lane, &c) && c) atomicAdd(&s_count[bin], c);
-    float res = g[k];
     if (sent) {
       sent_bits |= 1u << k;
-      if (!ternary) {
-        const float q = round_value(g[k], a.value_mode);
-        res = g[k] - q;
-        g[k] = q;
-      } else if (selected_mean) {
-        add_term(s_hist, fabsf(g[k]));
-      }
+      if (ternary && selected_mean) add_term(s_hist, fabsf(g[k]));
     }
-    h[k] = res;
   }
   __syncthreads();  // chunk and bin counts complete
 
@@ -387,22 +379,17 @@ __global__ void __launch_bounds__(kBlock, 3) select_tiles_kernel(SelectArgs a) {
     const bool sent = (sent_bits >> k) & 1u;
     const uint32_t ballot = __ballot_sync(kFullMask, sent);
     if (sent) {
-      const int64_t at = tile0 + s_chunk[k * kWarps + warp] + __popc(ballot & lanes_below);
-      a.stage_val[at] = g[k];
-      a.stage_idx[at] = (uint16_t)e;
+      a.stage[tile0 + s_chunk[k * kWarps + warp] + __popc(ballot & lanes_below)] = (uint16_t)e;
     }
   }
 
-  // residue_out: fused path, every element once, coalesced (ternary sent elements get
-  // G - Q in compact_kernel); big path, G is there already, only fp16/fp32 sent ones change.
+  // residue_out = G, every element once, coalesced (compact_kernel then turns the sent
+  // ones into G - Q). The big path's residue_out holds G already.
+  if (!kBig) {
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int e = k * kBlock + tid;
-    if (e >= len) continue;
-    if (!kBig) {
-      a.residue_out[tile0 + e] = h[k];
-    } else if (!ternary && ((sent_bits >> k) & 1u)) {
-      a.residue_out[tile0 + e] = h[k];
+    for (int k = 0; k < kItems; ++k) {
+      const int e = k * kBlock + tid;
+      if (e < len) a.residue_out[tile0 + e] = g[k];
     }
   }
 
@@ -480,7 +467,7 @@ __global__ void __launch_bounds__(kScanThreads) finalize_kernel(SelectArgs a, in
   }
 }
 
-// One block per tile: staged entries to their compacted position.
+// One block per tile: staged entries to their compacted position, with Q and G - Q.
 __global__ void __launch_bounds__(kBlock) compact_kernel(SelectArgs a) {
   const int64_t tile = blockIdx.x;
   const int count = a.tile_count[tile];
@@ -492,16 +479,12 @@ __global__ void __launch_bounds__(kBlock) compact_kernel(SelectArgs a) {
   const bool ternary = a.value_mode == kValueTernary;
   const float s = ternary ? a.scale[0] : 0.f;
   for (int j = threadIdx.x; j < count; j += kBlock) {
-    const uint32_t e = a.stage_idx[tile0 + j];
-    const float v = a.stage_val[tile0 + j];
+    const uint32_t e = a.stage[tile0 + j];
+    const float g = a.residue_out[tile0 + e];  // G, from the selection pass
+    const float q = ternary ? (g < 0.f ? -s : s) : round_value(g, a.value_mode);
     a.offsets[start + j] = (int32_t)((base + e) % L);  // base + e < 2^31 + kTile
-    if (ternary) {
-      const float q = v < 0.f ? -s : s;
-      a.values[start + j] = q;
-      a.residue_out[tile0 + e] = v - q;
-    } else {
-      a.values[start + j] = v;
-    }
+    a.values[start + j] = q;
+    a.residue_out[tile0 + e] = g - q;
   }
 }
 
@@ -637,8 +620,7 @@ cudaError_t select_launch(const float* grad, const float* residue, float* residu
   a.tile_count = reinterpret_cast<int32_t*>(ws + p.off_tile_count);
   a.tile_start = reinterpret_cast<int64_t*>(ws + p.off_tile_start);
   a.gmax = reinterpret_cast<uint32_t*>(ws + p.off_gmax);
-  a.stage_val = reinterpret_cast<float*>(ws + p.off_stage_val);
-  a.stage_idx = reinterpret_cast<uint16_t*>(ws + p.off_stage_idx);
+  a.stage = reinterpret_cast<uint16_t*>(ws + p.off_stage);
 
   cudaError_t err = cudaMemsetAsync(a.header, 0, sizeof(SelectHeader), stream);
   if (err != cudaSuccess) return err;

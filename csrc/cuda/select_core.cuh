@@ -12,8 +12,8 @@
 
 namespace adacomp {
 
-// Bytes of scratch device memory select_launch needs for a tensor of n elements (about
-// 6 bytes per element for the per-tile staging of sent elements, plus a few KB).
+// Bytes of scratch device memory select_launch needs for a tensor of n elements (2 bytes
+// per element for the per-tile staging of sent elements, plus a few KB).
 size_t select_workspace_bytes(int64_t n, int64_t bin_size);
 
 // One fused selection pass over the flat fp32 tensor of n elements, exactly as

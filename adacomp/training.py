@@ -1,0 +1,385 @@
+"""The main job: data-parallel training that compares gradient compressors side by side.
+
+Run by ``launch/train.py`` under ``torchrun`` (or ``python -m torch.distributed.run``)::
+
+    torchrun --standalone --nproc_per_node 2 launch/train.py
+    torchrun --nproc_per_node 4 launch/train.py --model lstm --data shakespeare \\
+        --compressor none adacomp --epochs 1 --json results/lstm.json
+
+Every compressor in ``--compressor`` trains the same model from the same seed on the same
+data shards, one after the other, through DDP with that compressor's communication hook:
+
+* ``none``: PyTorch's allreduce hook (dense fp32),
+* ``fp16``: PyTorch's ``fp16_compress_hook``,
+* ``powersgd``: PyTorch's ``PowerSGDState`` / ``powerSGD_hook`` (rank ``--powersgd-rank``),
+* ``adacomp``: this project's :func:`adacomp.adacomp_hook`.
+
+Rank 0 shows a progress bar, prints a summary table (accuracy or validation loss / bits per
+character, wall time, compression ratio by layer kind, bytes per worker on the wire) and
+writes ``--json`` and ``--plot`` (loss curves and cumulative bytes).
+"""
+
+# No `from __future__ import annotations`: DDP inspects hook annotations at runtime.
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import data as datasets
+from .ddp import AdaCompState, adacomp_hook
+from .models import build_model
+from .stats import TrafficStats, layer_kind
+
+COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
+IMAGE_DATA = ("digits", "mnist", "fashion-mnist")
+TEXT_DATA = ("shakespeare",)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Data-parallel training comparing gradient compressors.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--compressor", nargs="+", default=["none", "adacomp"], choices=COMPRESSORS,
+                   help="compressors to train with, one after the other")
+    p.add_argument("--model", default=None, choices=["cnn", "lstm"],
+                   help="default: cnn for image data, lstm for text")
+    p.add_argument("--data", default="digits", choices=IMAGE_DATA + TEXT_DATA)
+    p.add_argument("--data-root", default=None, help="where the data set lies (default: its usual place)")
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--batch-size", type=int, default=32, help="per worker")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-chars", type=int, default=1_000_000, help="text: characters of the corpus used")
+    p.add_argument("--seq-len", type=int, default=64, help="text: BPTT length")
+    p.add_argument("--hidden", type=int, default=256, help="lstm: hidden size")
+    p.add_argument("--bin-size", type=int, default=None, help="adacomp: one bin size for all (default: paper's)")
+    p.add_argument("--min-numel", type=int, default=1024, help="adacomp: smaller tensors go dense")
+    p.add_argument("--values", default="ternary", choices=["ternary", "fp16", "fp32"])
+    p.add_argument("--scale", default="binmax_mean", choices=["binmax_mean", "selected_mean"])
+    p.add_argument("--start-iter", type=int, default=0, help="adacomp/powersgd: dense steps first")
+    p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--bucket-cap-mb", type=float, default=25)
+    p.add_argument("--log-every", type=int, default=10, help="steps between loss records")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", default="results/train.png",
+                   help="write loss and bytes curves as PNG ('' for none)")
+    p.add_argument("--backend", default="ddp", choices=["ddp"], help="integration to train through")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "lstm" if args.data in TEXT_DATA else "cnn"
+    if (args.model == "lstm") != (args.data in TEXT_DATA):
+        p.error(f"--model {args.model} does not fit --data {args.data}: cnn takes image data "
+                f"({', '.join(IMAGE_DATA)}), lstm takes text ({', '.join(TEXT_DATA)})")
+    return args
+
+
+# ------------------------------------------------------------------------------ progress
+
+class Progress:
+    """A one-line progress bar on stderr (rank 0 only)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.t0 = time.time()
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        frac = step / max(self.total, 1)
+        tenth = int(10 * frac)
+        if not self.tty and tenth == self.shown:
+            return  # in a log file, one line per tenth of the run
+        self.shown = tenth
+        bar = "#" * int(30 * frac)
+        rate = step / max(time.time() - self.t0, 1e-9)
+        line = f"{self.label:>9} [{bar:<30}] {step}/{self.total} loss {loss:.4f} {rate:.1f} it/s"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# ------------------------------------------------------------------------------ hooks
+
+class _Counting:
+    """Wraps a PyTorch hook state to count the bytes it hands to collectives."""
+
+    def __init__(self, inner, kind: str, world: int, rank_pg: int = 4):
+        self.inner, self.kind, self.world, self.rank = inner, kind, world, rank_pg
+        self.traffic = TrafficStats()
+        self.step = 0
+
+    def count(self, bucket) -> None:
+        for g in bucket.gradients():
+            dense = g.numel() * 4
+            if self.kind == "none":
+                wire = g.numel() * g.element_size()
+            elif self.kind == "fp16":
+                wire = g.numel() * 2
+            else:  # PowerSGD: P and Q of rank r for matrices it compresses, else dense
+                wire = g.numel() * g.element_size()
+                if g.dim() > 1 and self.step >= self.inner.start_powerSGD_iter:
+                    n, m = g.shape[0], g.numel() // g.shape[0]
+                    r = min(n, m, self.rank)
+                    if n * m >= (n + m) * r * self.inner.min_compression_rate:
+                        wire = (n + m) * r * 4
+            self.traffic.add(layer_kind(g.shape) if g.dim() >= 2 else "dense", dense, wire)
+        if bucket.is_last():
+            self.traffic.end_step()
+            self.step += 1
+
+
+def _counting_hook(hook):
+    def wrapped(state: _Counting, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        state.count(bucket)
+        return hook(state.inner, bucket)
+
+    return wrapped
+
+
+def attach_compressor(ddp: DDP, model, name: str, args, world: int):
+    """Register ``name``'s communication hook on ``ddp``; return an object with ``traffic``."""
+    if name == "adacomp":
+        state = AdaCompState(model=model, bin_size=args.bin_size, min_numel=args.min_numel,
+                             values=args.values, scale=args.scale, start_iter=args.start_iter,
+                             log_every=0)
+        ddp.register_comm_hook(state, adacomp_hook)
+        return state
+    if name == "none":
+        counting = _Counting(None, "none", world)
+        ddp.register_comm_hook(counting, _counting_hook(default_hooks.allreduce_hook))
+    elif name == "fp16":
+        counting = _Counting(None, "fp16", world)
+        ddp.register_comm_hook(counting, _counting_hook(default_hooks.fp16_compress_hook))
+    elif name == "powersgd":
+        inner = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
+                                   start_powerSGD_iter=max(2, args.start_iter), random_seed=args.seed)
+        counting = _Counting(inner, "powersgd", world, args.powersgd_rank)
+        ddp.register_comm_hook(counting, _counting_hook(psgd.powerSGD_hook))
+    else:
+        raise ValueError(name)
+    return counting
+
+
+def traffic_of(obj) -> TrafficStats:
+    return obj.traffic
+
+
+# ------------------------------------------------------------------------------ training
+
+def load_data(args, rank: int, world: int):
+    if args.data in TEXT_DATA:
+        train = datasets.load(args.data, root=args.data_root, split="train", max_chars=args.max_chars)
+        val = datasets.load(args.data, root=args.data_root, split="val", max_chars=args.max_chars)
+        return {"kind": "text", "train": train, "val": val, "vocab": train.vocab_size}
+    train = datasets.load(args.data, root=args.data_root, split="train")
+    test = datasets.load(args.data, root=args.data_root, split="test")
+    return {"kind": "image", "train": train, "test": test}
+
+
+def make_model(args, d):
+    torch.manual_seed(args.seed)
+    if d["kind"] == "text":
+        return build_model("lstm", vocab_size=d["vocab"], hidden=args.hidden)
+    x = d["train"].x
+    return build_model("cnn", in_channels=x.shape[1], num_classes=d["train"].num_classes,
+                       image_size=x.shape[-1])
+
+
+def batches(args, d, rank, world, epoch):
+    if d["kind"] == "text":
+        tokens = d["train"].data
+        shard = tokens[datasets.shard(tokens.numel(), rank, world)]
+        return datasets.char_batches(shard, args.batch_size, args.seq_len,
+                                     generator=args.seed * 1000 + epoch * 10 + rank)
+    idx = datasets.shard(len(d["train"]), rank, world)
+    return datasets.image_batches(d["train"], args.batch_size, indices=idx,
+                                  generator=args.seed * 1000 + epoch * 10 + rank)
+
+
+def evaluate(model, d, args, rank, world) -> dict:
+    model.eval()
+    with torch.no_grad():
+        if d["kind"] == "text":
+            tokens = d["val"].data
+            shard = tokens[datasets.shard(tokens.numel(), rank, world)]
+            total = torch.zeros(2, dtype=torch.float64)
+            state = None
+            for x, y in datasets.char_batches(shard, min(args.batch_size, 16), args.seq_len):
+                logits, state = model(x, state)
+                total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                            reduction="sum").double()
+                total[1] += y.numel()
+            dist.all_reduce(total)
+            loss = float(total[0] / total[1])
+            out = {"val_loss": loss, "bits_per_char": loss / math.log(2)}
+        else:
+            test = d["test"]
+            idx = datasets.shard(len(test), rank, world)
+            correct = torch.zeros(2, dtype=torch.float64)
+            for i in range(0, idx.numel(), 512):
+                b = idx[i:i + 512]
+                pred = model(test.x[b]).argmax(dim=1)
+                correct[0] += (pred == test.y[b]).sum()
+                correct[1] += b.numel()
+            dist.all_reduce(correct)
+            out = {"test_accuracy": float(correct[0] / correct[1])}
+    model.train()
+    return out
+
+
+def train_one(args, name: str, d, rank: int, world: int) -> dict:
+    model = make_model(args, d)
+    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+    hook_state = attach_compressor(ddp, model, name, args, world)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
+    steps_per_epoch = len(batches(args, d, rank, world, 0))
+    total = int(math.ceil(args.epochs * steps_per_epoch))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    bar = Progress(total, name, rank == 0 and not args.quiet)
+    curve, wire_curve = [], []
+    step = 0
+    epoch = 0
+    loss_acc = torch.zeros(2, dtype=torch.float64)
+    t0 = time.time()
+    while step < total:
+        state = None
+        for x, y in batches(args, d, rank, world, epoch):
+            if step >= total:
+                break
+            if d["kind"] == "text":
+                logits, state = ddp(x, state)
+                state = tuple(s.detach() for s in state)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            else:
+                loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if d["kind"] == "text":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            if step % args.log_every == 0 or step == total:
+                dist.all_reduce(loss_acc)  # mean training loss over ranks since the last record
+                mean = float(loss_acc[0] / loss_acc[1])
+                loss_acc.zero_()
+                curve.append((step, mean))
+                wire_curve.append((step, traffic_of(hook_state).as_dict()["total"]["all"]["wire_bytes"]))
+                bar.update(step, mean)
+        epoch += 1
+    wall = time.time() - t0
+    bar.close()
+    metrics = evaluate(model, d, args, rank, world)
+    traffic = traffic_of(hook_state).as_dict()
+    return {"compressor": name, "steps": step, "wall_s": wall, "metrics": metrics,
+            "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
+
+
+# ------------------------------------------------------------------------------ report
+
+def _ratio(x):
+    return f"{x:.1f}x" if x else "-"
+
+
+def summary_table(results: list[dict], world: int) -> str:
+    metric_name = "test acc" if "test_accuracy" in results[0]["metrics"] else "val loss (bpc)"
+    head = (f"{'compressor':<10} {metric_name:>15} {'wall s':>7} {'MB/worker':>10} {'ratio':>7} "
+            f"{'conv':>7} {'fc/rnn':>7} {'dense':>7}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r["metrics"]
+        metric = (f"{100 * m['test_accuracy']:.2f}%" if "test_accuracy" in m
+                  else f"{m['val_loss']:.4f} ({m['bits_per_char']:.3f})")
+        t = r["traffic"]["total"]
+        lines.append(f"{r['compressor']:<10} {metric:>15} {r['wall_s']:>7.1f} "
+                     f"{t['all']['wire_bytes'] / 1e6:>10.2f} {_ratio(t['all']['ratio']):>7} "
+                     f"{_ratio(t['conv']['ratio']):>7} {_ratio(t['fc']['ratio']):>7} "
+                     f"{_ratio(t['dense']['ratio']):>7}")
+    lines.append(f"({world} workers; ratio = dense fp32 bytes / bytes handed to collectives, "
+                 f"headers and padding included)")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        s, loss = zip(*r["loss_curve"])
+        a.plot(s, loss, label=r["compressor"])
+        s, w = zip(*r["wire_curve"])
+        b.plot(s, [x / 1e6 for x in w], label=r["compressor"])
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    a.legend()
+    b.set_xlabel("step")
+    b.set_ylabel("cumulative MB handed to collectives (per worker)")
+    b.set_yscale("log")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def init_distributed():
+    """Initialise gloo from torchrun's environment; a single process runs as world 1."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    rank, world = init_distributed()
+    try:
+        d = load_data(args, rank, world)
+    except datasets.DataNotFound as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        dist.destroy_process_group()
+        raise SystemExit(2) from None
+    results = [train_one(args, name, d, rank, world) for name in args.compressor]
+    if rank == 0:
+        title = f"{args.model} on {args.data}, {world} workers"
+        print(f"\n{title}\n" + summary_table(results, world))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "world": world, "runs": results}, f, indent=2)
+            print(f"wrote {args.json}")
+        if args.plot:
+            plot(results, args.plot, title)
+    dist.barrier()
+    dist.destroy_process_group()
+    return results

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""The main job: data-parallel training comparing gradient compressors (see adacomp.training).
+
+    torchrun --standalone --nproc_per_node 2 launch/train.py            # dense vs AdaComp, digits
+    torchrun --standalone --nproc_per_node 4 launch/train.py --data fashion-mnist --epochs 2
+    torchrun --standalone --nproc_per_node 4 launch/train.py --data shakespeare --epochs 1
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from adacomp.training import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
