@@ -24,7 +24,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [os.path.join("csrc", "adacomp.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++20 for torch 2.13)
     link = ["-fopenmp"]
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = force_cuda or (torch.cuda.is_available() and CUDA_HOME is not None) or (
@@ -37,7 +37,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("ADACOMP_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=link,
         )
     else:

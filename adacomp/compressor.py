@@ -160,7 +160,7 @@ class AdaComp:
         kind = _PAYLOAD_KIND[self.values]
         if nonfinite:
             self._spare[(n, flat.device)] = out
-            return payload.encode_nonfinite(shape, L, kind), None
+            return payload.encode_nonfinite(shape, L, kind, flat.device), None
         p = payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)
         return p, (name, out)
 

@@ -134,12 +134,12 @@ class _AdaCompOptimizerMixin:
             raise RuntimeError("step() inside skip_synchronize() needs synchronize() to have been "
                                "called first in this step")
         self._adacomp_synchronized = False
-        return super().step(closure)
+        return super(self.__class__, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
         # A step skipped after synchronize() (GradScaler on overflow) ends here.
         self._adacomp_synchronized = False
-        return super().zero_grad(set_to_none=set_to_none)
+        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
     # -- statistics and checkpoints --------------------------------------------------------
     def stats(self) -> dict:
@@ -148,7 +148,7 @@ class _AdaCompOptimizerMixin:
         return d
 
     def state_dict(self):
-        sd = super().state_dict()
+        sd = super(self.__class__, self).state_dict()
         sd["adacomp"] = {"compressor": self._adacomp.state_dict(), "iter": self._adacomp_iter,
                          "stats": self._adacomp_traffic.state_dict()}
         return sd
@@ -156,7 +156,7 @@ class _AdaCompOptimizerMixin:
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         extra = state_dict.pop("adacomp", None)
-        super().load_state_dict(state_dict)
+        super(self.__class__, self).load_state_dict(state_dict)
         if extra is not None:
             self._adacomp.load_state_dict(extra["compressor"])
             self._adacomp_iter = int(extra["iter"])
@@ -177,10 +177,16 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     (all ranks must agree on which; a mismatch raises on every rank).
     ``state_dict()`` includes this rank's residues under the key ``"adacomp"``.
     """
-    _hvd()
+    hvd = _hvd()
     compressor = AdaComp(bin_size=bin_size, scale=scale, values=values, min_numel=min_numel,
                          device=device)
-    cls = type(optimizer.__class__.__name__, (_AdaCompOptimizerMixin, optimizer.__class__), {})
+    # As Horovod does: the methods are copied into a subclass of the user's optimizer class
+    # (so super(cls, opt).step() is the plain optimizer's step), and the class claims
+    # Horovod's module, so that hvd.broadcast_optimizer_state initialises empty optimizer
+    # state with the plain step instead of running a (collective) exchange of zeros.
+    body = {k: v for k, v in _AdaCompOptimizerMixin.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    body["__module__"] = hvd.DistributedOptimizer.__module__
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), body)
     opt = cls.__new__(cls)
     opt.__dict__.update(optimizer.__dict__)  # same param groups, state and hooks
     opt._adacomp_init(named_parameters, backward_passes_per_step, compressor, start_iter, prefix)

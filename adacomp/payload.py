@@ -338,10 +338,10 @@ def encode_dense(values: torch.Tensor) -> Payload:
     return Payload(data, parse_header(head, data.numel()))
 
 
-def encode_nonfinite(shape, bin_size: int, kind: int) -> Payload:
+def encode_nonfinite(shape, bin_size: int, kind: int, device=None) -> Payload:
     """The payload of a step whose gradient held NaN/Inf: a header only, decodes to NaN."""
     head = encode_header(shape, bin_size, 0, kind, True, float("nan"))
-    data = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device or "cpu")
     return Payload(data, parse_header(head, data.numel()))
 
 

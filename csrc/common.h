@@ -58,14 +58,11 @@ ADACOMP_HD float combine_histogram(const uint64_t* hist, uint64_t count) {
       // The product is exact (a power of two times an integer below 2^53), so
       // contracting it into an FMA cannot change the result.
       double p = (double)hist[e];
-      int k = e - 150;
-      double two_k = 1.0;
-      // ldexp without libm, valid on host and device: k in [-149, 104].
-      if (k >= 0) {
-        for (int i = 0; i < k; ++i) two_k *= 2.0;
-      } else {
-        for (int i = 0; i < -k; ++i) two_k *= 0.5;
-      }
+      // 2^(e-150) built from its bits (e - 150 is in [-149, 104], a normal double): an
+      // exact ldexp without libm, the same on host and device.
+      const uint64_t pow_bits = (uint64_t)(e - 150 + 1023) << 52;
+      double two_k;
+      memcpy(&two_k, &pow_bits, sizeof(two_k));
       acc += p * two_k;
     }
   }

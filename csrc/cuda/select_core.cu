@@ -327,6 +327,15 @@ __global__ void __launch_bounds__(kBlock, 3) select_tiles_kernel(SelectArgs a) {
     g[k] = kBig ? r : r + d;  // big path: residue_out already holds G
     h[k] = g[k] + d;
   }
+  // residue_out = G, every element once, coalesced; compact_kernel later turns the sent
+  // ones into G - Q. (The same thread read residue[e], so residue_out may alias it.)
+  if (!kBig) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int e = k * kBlock + tid;
+      if (e < len) a.residue_out[tile0 + e] = g[k];
+    }
+  }
   __syncthreads();  // shared state initialised
 
   if (!kBig) {
@@ -380,16 +389,6 @@ __global__ void __launch_bounds__(kBlock, 3) select_tiles_kernel(SelectArgs a) {
     const uint32_t ballot = __ballot_sync(kFullMask, sent);
     if (sent) {
       a.stage[tile0 + s_chunk[k * kWarps + warp] + __popc(ballot & lanes_below)] = (uint16_t)e;
-    }
-  }
-
-  // residue_out = G, every element once, coalesced (compact_kernel then turns the sent
-  // ones into G - Q). The big path's residue_out holds G already.
-  if (!kBig) {
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int e = k * kBlock + tid;
-      if (e < len) a.residue_out[tile0 + e] = g[k];
     }
   }
 
