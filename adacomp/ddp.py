@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import GroupExchange
+from .exchange import ExchangeState, GroupExchange
 from .stats import TrafficStats
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _named_parameters(model: nn.Module | None, named_parameters):
     return out
 
 
-class AdaCompState:
+class AdaCompState(ExchangeState):
     """All mutable state of the AdaComp hook, in one checkpointable object.
 
     Args:
@@ -101,26 +101,6 @@ class AdaCompState:
             self.traffic.end_step()
             if self.log_every and self.iter % self.log_every == 0:
                 logger.info("AdaComp %s", self.traffic.format())
-
-    def stats(self) -> dict:
-        """Bytes, cumulative (``total``) and for the last step (``last_step``): dense fp32
-        bytes, bytes handed to collectives, their ratio, split by kind of layer (``conv``,
-        ``fc`` = fully connected / recurrent, ``dense`` = sent dense, ``overhead``), plus
-        ``decisions``: how each parameter travelled in its last exchange."""
-        d = self.traffic.as_dict()
-        d["decisions"] = dict(self.traffic.last_exchange)
-        return d
-
-    # -- checkpointing --------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """This rank's residues, step counter and statistics (save one per rank)."""
-        return {"compressor": self.compressor.state_dict(), "iter": self.iter,
-                "stats": self.traffic.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.compressor.load_state_dict(state["compressor"])
-        self.iter = int(state["iter"])
-        self.traffic.load_state_dict(state["stats"])
 
     def __getstate__(self):
         # The process group cannot be pickled (as PowerSGD's state).

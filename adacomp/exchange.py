@@ -40,6 +40,43 @@ DECISION_NAMES = {DENSE_RULE: "dense", COMPRESSED: "compressed", DENSE_FALLBACK:
                   NONFINITE: "non-finite"}
 
 
+class ExchangeState:
+    """What every integration keeps per rank: the compressor (residues), the exchange
+    counter and the traffic statistics; checkpointed together, one entry per rank."""
+
+    __slots__ = ()  # subclasses (AdaCompState) declare the attributes
+
+    def stats(self) -> dict:
+        """Bytes, cumulative (``total``) and for the last step (``last_step``): dense fp32
+        bytes, bytes handed to collectives, their ratio, split by kind of layer (``conv``,
+        ``fc`` = fully connected / recurrent, ``dense`` = sent dense, ``overhead``), plus
+        ``decisions``: how each parameter travelled in its last exchange."""
+        d = self.traffic.as_dict()
+        d["decisions"] = dict(self.traffic.last_exchange)
+        return d
+
+    def state_dict(self) -> dict:
+        """This rank's residues, step counter and statistics (save one per rank)."""
+        return {"compressor": self.compressor.state_dict(), "iter": self.iter,
+                "stats": self.traffic.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.compressor.load_state_dict(state["compressor"])
+        self.iter = int(state["iter"])
+        self.traffic.load_state_dict(state["stats"])
+
+
+class PlainExchangeState(ExchangeState):
+    """An :class:`ExchangeState` holder for integrations that are not one themselves."""
+
+    __slots__ = ("compressor", "iter", "traffic")
+
+    def __init__(self, compressor: AdaComp):
+        self.compressor = compressor
+        self.iter = 0
+        self.traffic = TrafficStats()
+
+
 class ConfigMismatchError(RuntimeError):
     """The ranks do not run the same AdaComp configuration or parameter set."""
 

@@ -26,8 +26,7 @@ import contextlib
 import torch
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import GroupExchange
-from .stats import TrafficStats
+from .exchange import GroupExchange, PlainExchangeState
 
 
 def _hvd():
@@ -63,13 +62,11 @@ class _AdaCompOptimizerMixin:
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self._adacomp_names = names
-        self._adacomp = compressor
+        self._adacomp_state = PlainExchangeState(compressor)
         self.backward_passes_per_step = backward_passes_per_step
         self._adacomp_start_iter = start_iter
-        self._adacomp_iter = 0
         self._adacomp_synchronized = False
         self._adacomp_skip_sync = False
-        self._adacomp_traffic = TrafficStats()
 
     # -- Horovod's interface -------------------------------------------------------------
     def synchronize(self) -> None:
@@ -82,27 +79,27 @@ class _AdaCompOptimizerMixin:
         names = [n for n, _ in named]
         grads = [p.grad for _, p in named]
         world = hvd.size()
-        if self._adacomp_iter < self._adacomp_start_iter:
+        if self._adacomp_state.iter < self._adacomp_start_iter:
             self._dense_average(grads, world)
         else:
-            ex = GroupExchange(self._adacomp, names, grads, world)
+            ex = GroupExchange(self._adacomp_state.compressor, names, grads, world)
             meta = ex.meta()
-            all_meta = hvd.allgather(meta.unsqueeze(0), name=f"adacomp.meta.{self._adacomp_iter}")
+            all_meta = hvd.allgather(meta.unsqueeze(0), name=f"adacomp.meta.{self._adacomp_state.iter}")
             ex.decide(all_meta)
             gathered = None
             if ex.compressed:
                 own = torch.cat([ex.payloads[t].tensor for t in ex.compressed])
-                recv = hvd.allgather(own, name=f"adacomp.payload.{self._adacomp_iter}")
+                recv = hvd.allgather(own, name=f"adacomp.payload.{self._adacomp_state.iter}")
                 counts = ex.sizes[:, ex.compressed].sum(dim=1).tolist()
                 gathered = list(torch.split(recv, counts))
             dense = ex.dense_buffer()
             dense_sum = None
             if dense is not None:
-                dense_sum = hvd.allreduce(dense, op=hvd.Sum, name=f"adacomp.dense.{self._adacomp_iter}")
-            ex.account(self._adacomp_traffic, padded=False)
+                dense_sum = hvd.allreduce(dense, op=hvd.Sum, name=f"adacomp.dense.{self._adacomp_state.iter}")
+            ex.account(self._adacomp_state.traffic, padded=False)
             ex.finish(gathered, dense_sum)
-        self._adacomp_iter += 1
-        self._adacomp_traffic.end_step()
+        self._adacomp_state.iter += 1
+        self._adacomp_state.traffic.end_step()
         self._adacomp_synchronized = True
 
     def _dense_average(self, grads, world):
@@ -110,12 +107,12 @@ class _AdaCompOptimizerMixin:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        total = hvd.allreduce(flat, op=hvd.Sum, name=f"adacomp.warmup.{self._adacomp_iter}").div_(world)
+        total = hvd.allreduce(flat, op=hvd.Sum, name=f"adacomp.warmup.{self._adacomp_state.iter}").div_(world)
         pos = 0
         for g in grads:
             g.copy_(total[pos:pos + g.numel()].view(g.shape))
             pos += g.numel()
-            self._adacomp_traffic.add("dense", g.numel() * 4, g.numel() * g.element_size())
+            self._adacomp_state.traffic.add("dense", g.numel() * 4, g.numel() * g.element_size())
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -143,14 +140,16 @@ class _AdaCompOptimizerMixin:
 
     # -- statistics and checkpoints --------------------------------------------------------
     def stats(self) -> dict:
-        d = self._adacomp_traffic.as_dict()
-        d["decisions"] = dict(self._adacomp_traffic.last_exchange)
-        return d
+        return self._adacomp_state.stats()
+
+    @property
+    def compressor(self) -> AdaComp:
+        """The AdaComp compressor of this rank (residues)."""
+        return self._adacomp_state.compressor
 
     def state_dict(self):
         sd = super(self.__class__, self).state_dict()
-        sd["adacomp"] = {"compressor": self._adacomp.state_dict(), "iter": self._adacomp_iter,
-                         "stats": self._adacomp_traffic.state_dict()}
+        sd["adacomp"] = self._adacomp_state.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -158,9 +157,7 @@ class _AdaCompOptimizerMixin:
         extra = state_dict.pop("adacomp", None)
         super(self.__class__, self).load_state_dict(state_dict)
         if extra is not None:
-            self._adacomp.load_state_dict(extra["compressor"])
-            self._adacomp_iter = int(extra["iter"])
-            self._adacomp_traffic.load_state_dict(extra["stats"])
+            self._adacomp_state.load_state_dict(extra)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, *,

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import GroupExchange
+from .exchange import ExchangeState, GroupExchange
 from .stats import TrafficStats
+
 
 def _mpi():
     try:
@@ -43,7 +44,7 @@ def _mpi():
     return MPI
 
 
-class Communicator:
+class Communicator(ExchangeState):
     """AdaComp over an mpi4py communicator.
 
     Args:
@@ -124,21 +125,6 @@ class Communicator:
         buf = work.cpu().contiguous().numpy().copy()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return torch.from_numpy(buf).to(device=flat.device, dtype=dtype)
-
-    def stats(self) -> dict:
-        d = self.traffic.as_dict()
-        d["decisions"] = dict(self.traffic.last_exchange)
-        return d
-
-    def state_dict(self) -> dict:
-        """This rank's residues, call counter and statistics (save one per rank)."""
-        return {"compressor": self.compressor.state_dict(), "iter": self.iter,
-                "stats": self.traffic.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.compressor.load_state_dict(state["compressor"])
-        self.iter = int(state["iter"])
-        self.traffic.load_state_dict(state["stats"])
 
 
 def mpi_rank_and_size() -> tuple[int, int]:

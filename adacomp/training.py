@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--max-chars", type=int, default=1_000_000, help="text: characters of the corpus used")
     p.add_argument("--seq-len", type=int, default=64, help="text: BPTT length")
     p.add_argument("--hidden", type=int, default=256, help="lstm: hidden size")
-    p.add_argument("--bin-size", type=int, default=None, help="adacomp: one bin size for all (default: paper's)")
+    p.add_argument("--bin-size", type=int, default=None,
+                   help="adacomp: one bin size for all (default: the paper's)")
     p.add_argument("--min-numel", type=int, default=1024, help="adacomp: smaller tensors go dense")
     p.add_argument("--values", default="ternary", choices=["ternary", "fp16", "fp32"])
     p.add_argument("--scale", default="binmax_mean", choices=["binmax_mean", "selected_mean"])
@@ -286,7 +287,7 @@ class HorovodBackend:
             if counter is not None:
                 counter.count(model)
 
-        traffic = counter if counter is not None else _Traffic(opt._adacomp_traffic)
+        traffic = counter if counter is not None else opt._adacomp_state
         return model, step, traffic, opt
 
 
@@ -336,11 +337,6 @@ class MPIBackend:
 
 def _all_dense(name, tensor):
     return None
-
-
-class _Traffic:
-    def __init__(self, traffic):
-        self.traffic = traffic
 
 
 BACKENDS = {"ddp": DDPBackend, "horovod": HorovodBackend, "mpi": MPIBackend}

@@ -86,7 +86,7 @@ class HorovodPath:
                 opt.step()
 
     def residues(self):
-        c = self.opt._adacomp
+        c = self.opt.compressor
         return {n: c.residue(n).clone() for n in c.names()}
 
     def state(self, opt):
@@ -137,7 +137,8 @@ def train_path(path, kind, cfg, steps, resume=None, save_at=None, bad_step=None)
 
 
 def main():
-    out, mode, kind, cfg, steps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+    out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+    cfg, steps = json.loads(sys.argv[4]), int(sys.argv[5])
     opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
     if mode == "mpi":
         path = MpiPath(cfg)

