@@ -21,6 +21,7 @@ writes ``--json`` and ``--plot`` (loss curves and cumulative bytes).
 
 # No `from __future__ import annotations`: DDP inspects hook annotations at runtime.
 import argparse
+import gc
 import json
 import math
 import os
@@ -228,6 +229,7 @@ class DDPBackend:
         return t
 
     def shutdown(self):
+        gc.collect()  # drop DDP reducers and finished work (and their tensors) first
         dist.barrier()
         dist.destroy_process_group()
 
@@ -537,3 +539,18 @@ def main(argv=None) -> list[dict]:
             plot(results, args.plot, title)
     backend.shutdown()
     return results
+
+
+def run_and_exit(argv=None) -> None:
+    """``main`` for scripts. Under torch.distributed (DDP backend) the process then leaves
+    with ``os._exit``: Gloo's C++ worker threads can still hold finished work whose tensors
+    reach back into Python, and tearing those down during interpreter finalization aborts
+    the process now and then (SIGABRT, "terminate called without an active exception";
+    pytorch/pytorch#179291). Everything is flushed and the process group destroyed first.
+    MPI and Horovod finalize through their own exit handlers, so they exit normally."""
+    args_backend = parse_args(argv).backend
+    main(argv)
+    if args_backend == "ddp":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

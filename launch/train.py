@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from adacomp.training import main  # noqa: E402
+from adacomp.training import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_and_exit()

@@ -29,10 +29,16 @@ def _entry(rank, world, port, fn, args, out_dir):
                     "trace": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         try:
+            import gc
+
+            gc.collect()
             dist.barrier()  # nobody tears down gloo while a peer still talks to it
             dist.destroy_process_group()
         except Exception:
             pass
+    # The outcome is on disk. Leave without interpreter finalization, where Gloo threads
+    # still holding finished work can abort the process (see adacomp.training.run_and_exit).
+    os._exit(0)
 
 
 def run(fn, world: int, *args, out_dir: str, timeout: float = 240.0):

@@ -1,0 +1,65 @@
+"""Post-training compression stages: shrink a trained model for deployment.
+
+In the style of torchao's ``quantize_``::
+
+    from adacomp.stages import LowRankConfig, compress_, load
+
+    report = compress_(model, LowRankConfig(ratio=0.8, method="bsr"), evaluate=calib_accuracy)
+    print(report)                                    # per-layer and total params/bytes, ratio, metric
+    torch.save(model.state_dict(), "small.pt")
+    model = load(build_model(), "small.pt")          # rebuilds the compressed layers, loads weights
+
+Stages register with :func:`register_stage`; :func:`compress_` picks one by its config's type.
+Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023).
+See ``docs/stages.md``.
+"""
+
+from .frame import (
+    EXTRA_STATE_KEY,
+    LayerRecord,
+    Report,
+    Stage,
+    UnsupportedLayerError,
+    compress_,
+    config_from_dict,
+    get_stage,
+    load,
+    module_bytes,
+    module_params,
+    register_stage,
+    save,
+    stages,
+)
+from .lowrank import (
+    LowRankConfig,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankStage,
+    factorize,
+    modified_stable_rank,
+    regularize,
+)
+
+__all__ = [
+    "EXTRA_STATE_KEY",
+    "LayerRecord",
+    "LowRankConfig",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "LowRankStage",
+    "Report",
+    "Stage",
+    "UnsupportedLayerError",
+    "compress_",
+    "config_from_dict",
+    "factorize",
+    "get_stage",
+    "load",
+    "modified_stable_rank",
+    "module_bytes",
+    "module_params",
+    "register_stage",
+    "regularize",
+    "save",
+    "stages",
+]

@@ -1,0 +1,550 @@
+"""The frame shared by the post-training compression stages: registry, ``compress_``, ``Report``, ``load``.
+
+Shaped after torchao's ``quantize_(model, config, filter_fn=...)``: a stage is chosen by the *type*
+of its config (a small dataclass validated in ``__post_init__``), changes the model in place, and
+returns a :class:`Report`. A stage that must run the model takes the user's callables, never a
+training loop of its own tied to one data set:
+
+* ``evaluate(model) -> float``: the task metric, higher is better (e.g. accuracy on held-out
+  calibration data). Used to score candidates and for the metric before/after in the report.
+* ``train_step(model, batch) -> Tensor``: the loss of one batch, *not* yet back-propagated. The
+  stage adds its own terms (a regulariser), calls ``backward`` and steps an optimizer it builds
+  itself, because a compression stage replaces parameters, so an optimizer the user built
+  beforehand would point at stale tensors (override with ``make_optimizer(params)``).
+* ``data``: an iterable of batches for ``train_step``, re-iterated as often as needed.
+
+Saving and loading
+------------------
+Every module a stage swaps in carries its structural choice (stage name, kind, rank, ...) as
+PyTorch *extra state*, so it lands in ``model.state_dict()`` under ``<layer>._extra_state``. A
+compressed model therefore saves with a plain ``torch.save(model.state_dict(), path)``, and
+
+    model = adacomp.stages.load(build_model(), path)
+
+rebuilds it: the model is built as it was before compression, every ``_extra_state`` entry tagged
+with a stage name is handed to that stage's :meth:`Stage.rebuild`, which swaps in the compressed
+module, and then the weights are loaded strictly. The checkpoint loads with
+``torch.load(..., weights_only=True)`` (extra states are plain dicts of ``str``/``int``).
+
+Adding a stage
+--------------
+::
+
+    @dataclass
+    class MyConfig:
+        strength: float = 1.0
+        def __post_init__(self): ...          # raise ValueError with a clear message
+
+    @register_stage("mine", MyConfig)
+    class MyStage(Stage):
+        def supports(self, module): return isinstance(module, nn.Linear)
+        def apply(self, model, config, *, layers, **kw) -> list[LayerRecord]: ...
+        def rebuild(self, module, extra_state): ...   # only if apply swaps modules
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "COMPRESSED_ATTR",
+    "EXTRA_STATE_KEY",
+    "LayerRecord",
+    "Report",
+    "Stage",
+    "UnsupportedLayerError",
+    "compress_",
+    "config_from_dict",
+    "get_stage",
+    "load",
+    "module_bytes",
+    "module_params",
+    "register_stage",
+    "save",
+    "stages",
+]
+
+EXTRA_STATE_KEY = "adacomp_stage"
+"""Key, in a swapped-in module's extra state, that names the stage which can rebuild it."""
+
+COMPRESSED_ATTR = "adacomp_compressed"
+"""Class attribute (``True``) of the modules stages swap in: they and their children are never
+selected again, so compressing an already compressed model touches only its remaining layers."""
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class UnsupportedLayerError(TypeError):
+    """``filter_fn`` selected a layer the stage cannot compress."""
+
+
+# --------------------------------------------------------------------------- counting storage
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and persistent buffers of ``module`` (recursively), each shared tensor once."""
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    tensors = [p for p in module.parameters()]
+    for mod in module.modules():
+        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+        tensors += [b for name, b in mod.named_buffers(recurse=False) if name not in non_persistent]
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def module_params(module: nn.Module) -> int:
+    """Number of stored elements: parameters plus persistent buffers, shared tensors counted once."""
+    return sum(t.numel() for t in _tensors(module))
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes that must be stored: every element at its dtype's size (4 for fp32)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(module))
+
+
+# --------------------------------------------------------------------------- records and report
+
+
+@dataclass
+class LayerRecord:
+    """What a stage did to one layer.
+
+    Attributes:
+        name: fully qualified module name (``model.get_submodule(name)``).
+        kind: the original module class, e.g. ``"Conv2d"``.
+        params_before / params_after: stored elements of the layer (weights, biases, buffers).
+        bytes_before / bytes_after: bytes those elements need at their dtypes (fp32: 4 each).
+        choice: the per-layer decision, JSON-able (e.g. ``{"rank": 12, "full_rank": 64}``).
+        detail: the same decision in a few words, for the table.
+    """
+
+    name: str
+    kind: str
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    choice: dict = field(default_factory=dict)
+    detail: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio of the layer, ``bytes_before / bytes_after``."""
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+@dataclass
+class Report:
+    """Returned by :func:`compress_`; ``print(report)`` shows a table.
+
+    ``params_*`` / ``bytes_*`` count the whole model; ``layers`` holds one record per selected
+    layer. ``reduction`` is the share of the model's stored elements removed,
+    ``ratio`` the compression ratio of its bytes. ``evaluations`` counts the calls of ``evaluate``
+    the stage made itself (candidate scoring), not the two made for ``metric_before/after``.
+    """
+
+    stage: str
+    config: dict
+    layers: list[LayerRecord]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    metric_before: float | None = None
+    metric_after: float | None = None
+    evaluations: int = 0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def choices(self) -> dict[str, dict]:
+        """``{layer name: choice}``, e.g. to re-apply an allocation."""
+        return {r.name: dict(r.choice) for r in self.layers}
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (records, totals, ratio, reduction, metrics, info)."""
+        d = dataclasses.asdict(self)
+        d.pop("defaults")
+        d["ratio"] = self.ratio
+        d["reduction"] = self.reduction
+        for rec, obj in zip(d["layers"], self.layers):
+            rec["ratio"] = obj.ratio
+        return d
+
+    def table(self) -> str:
+        cols = (
+            "layer",
+            "kind",
+            "choice",
+            "params before",
+            "params after",
+            "bytes before",
+            "bytes after",
+            "ratio",
+        )
+        rows = [
+            (
+                r.name,
+                r.kind,
+                r.detail,
+                _fmt_int(r.params_before),
+                _fmt_int(r.params_after),
+                _fmt_int(r.bytes_before),
+                _fmt_int(r.bytes_after),
+                f"{r.ratio:.2f}x",
+            )
+            for r in self.layers
+        ]
+        rows.append(
+            (
+                "total (model)",
+                "",
+                f"-{100 * self.reduction:.1f}% params",
+                _fmt_int(self.params_before),
+                _fmt_int(self.params_after),
+                _fmt_int(self.bytes_before),
+                _fmt_int(self.bytes_after),
+                f"{self.ratio:.2f}x",
+            )
+        )
+        widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+        def line(row):
+            return "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+        settings = ", ".join(
+            f"{k}={v}" for k, v in self.config.items() if k not in self.defaults or self.defaults[k] != v
+        )
+        head = f"stage {self.stage} ({settings}): {self.evaluations} evaluations, {self.seconds:.1f} s"
+        out = [head, line(cols), "-" * len(line(cols))]
+        out += [line(r) for r in rows[:-1]]
+        out += ["-" * len(line(cols)), line(rows[-1])]
+        if self.metric_before is not None or self.metric_after is not None:
+            out.append(
+                f"metric (evaluate): {_fmt_metric(self.metric_before)} -> {_fmt_metric(self.metric_after)}"
+            )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt_metric(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+# --------------------------------------------------------------------------- stages and registry
+
+
+class Stage:
+    """Base class of a post-training compression stage.
+
+    Subclasses are registered with :func:`register_stage`, which sets :attr:`name` and
+    :attr:`config_type`. :func:`compress_` selects the layers (``filter_fn`` or
+    :meth:`supports`), raises :class:`UnsupportedLayerError` for a selected layer the stage does
+    not support, and calls :meth:`apply`.
+    """
+
+    name: str = ""
+    config_type: type = object
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this stage can compress ``module`` (a module owning parameters)."""
+        raise NotImplementedError
+
+    def supported_kinds(self) -> str:
+        """Human-readable list of the supported layer kinds, for error messages."""
+        return "see the stage's documentation"
+
+    def apply(
+        self,
+        model: nn.Module,
+        config: Any,
+        *,
+        layers: dict[str, nn.Module],
+        data: Iterable | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        log: Callable[[str], None] | None = None,
+        info: dict | None = None,
+        **kwargs: Any,
+    ) -> list[LayerRecord]:
+        """Compress ``layers`` (``{name: module}``) of ``model`` in place; return one record each.
+
+        ``info`` is a dict the stage may fill with run facts that go into ``Report.info``.
+        """
+        raise NotImplementedError
+
+    def rebuild(self, module: nn.Module, extra_state: dict) -> nn.Module:
+        """Return the compressed module that replaces ``module`` (as built before compression),
+        shaped as recorded in ``extra_state``; its weights are loaded afterwards."""
+        raise NotImplementedError(f"stage {self.name!r} does not swap modules, nothing to rebuild")
+
+
+_STAGES: dict[str, Stage] = {}
+_BY_CONFIG: dict[type, Stage] = {}
+
+
+def register_stage(name: str, config_cls: type) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: register a :class:`Stage` subclass under ``name`` for ``config_cls``."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"config class of stage {name!r} must be a dataclass, got {config_cls!r}")
+
+    def deco(cls: type[Stage]) -> type[Stage]:
+        if name in _STAGES and type(_STAGES[name]) is not cls:
+            raise ValueError(f"a stage named {name!r} is already registered ({type(_STAGES[name]).__name__})")
+        if config_cls in _BY_CONFIG and type(_BY_CONFIG[config_cls]) is not cls:
+            raise ValueError(
+                f"{config_cls.__name__} already belongs to stage {_BY_CONFIG[config_cls].name!r}"
+            )
+        cls.name = name
+        cls.config_type = config_cls
+        stage = cls()
+        _STAGES[name] = stage
+        _BY_CONFIG[config_cls] = stage
+        return cls
+
+    return deco
+
+
+def stages() -> dict[str, Stage]:
+    """The registered stages, ``{name: stage}``."""
+    return dict(_STAGES)
+
+
+def get_stage(key: str | Any) -> Stage:
+    """Return the stage registered under a name, or for a config instance or class."""
+    if isinstance(key, str):
+        try:
+            return _STAGES[key]
+        except KeyError:
+            raise KeyError(
+                f"unknown stage {key!r}; registered: {', '.join(sorted(_STAGES)) or '(none)'}"
+            ) from None
+    cls = key if isinstance(key, type) else type(key)
+    for base in cls.__mro__:
+        if base in _BY_CONFIG:
+            return _BY_CONFIG[base]
+    known = ", ".join(sorted(c.__name__ for c in _BY_CONFIG)) or "(none)"
+    raise TypeError(f"{cls.__name__} is not a registered stage config; known configs: {known}")
+
+
+def config_from_dict(stage: str, values: Mapping[str, Any]) -> Any:
+    """Build the config of stage ``stage`` from a mapping (e.g. parsed JSON), with clear errors."""
+    cls = get_stage(stage).config_type
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {', '.join(unknown)} for {cls.__name__}; fields: {', '.join(sorted(names))}"
+        )
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- compress_
+
+
+def _select(model: nn.Module, stage: Stage, filter_fn: FilterFn | None) -> dict[str, nn.Module]:
+    """``{name: module}`` of the layers to compress: modules that own parameters directly."""
+    chosen: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    done: list[str] = []  # prefixes of modules a stage already swapped in
+    for name, module in model.named_modules():
+        if getattr(module, COMPRESSED_ATTR, False):
+            done.append(name + ".")
+            continue
+        if any(name.startswith(prefix) for prefix in done):
+            continue
+        if id(module) in seen or next(module.parameters(recurse=False), None) is None:
+            continue
+        seen.add(id(module))
+        if filter_fn is None:
+            if stage.supports(module):
+                chosen[name] = module
+            continue
+        if not filter_fn(module, name):
+            continue
+        if not stage.supports(module):
+            raise UnsupportedLayerError(
+                f"filter_fn selected layer {name or '(root)'!r} of kind {type(module).__name__}, which stage "
+                f"{stage.name!r} cannot compress; supported: {stage.supported_kinds()}. Make filter_fn "
+                f"return False for it."
+            )
+        chosen[name] = module
+    return chosen
+
+
+class _Counted:
+    """Wraps ``evaluate`` and counts the calls."""
+
+    def __init__(self, fn: Callable[[nn.Module], float]):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, model: nn.Module) -> float:
+        self.calls += 1
+        return float(self.fn(model))
+
+
+def compress_(
+    model: nn.Module,
+    config: Any,
+    *,
+    data: Iterable | None = None,
+    filter_fn: FilterFn | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> Report:
+    """Run the stage that ``config`` belongs to on ``model``, in place, and return a :class:`Report`.
+
+    Args:
+        model: the model; the selected layers are replaced by compressed modules.
+        config: a registered stage config, e.g. :class:`adacomp.stages.LowRankConfig`.
+        data: iterable of batches for ``train_step`` (fine-tuning); re-iterated as needed.
+        filter_fn: ``filter_fn(module, name) -> bool`` over the modules that own parameters;
+            default: every layer the stage supports. Selecting an unsupported layer raises
+            :class:`UnsupportedLayerError`.
+        evaluate: ``evaluate(model) -> float``, higher is better; called before and after (for
+            the report) and by stages that score candidates.
+        train_step: ``train_step(model, batch) -> loss`` (not back-propagated; see the module doc).
+        make_optimizer: ``make_optimizer(params) -> Optimizer`` overrides the stage's optimizer.
+        log: progress messages go here (e.g. ``print``); default: silent.
+        **kwargs: passed to the stage.
+    """
+    stage = get_stage(config)
+    layers = _select(model, stage, filter_fn)
+    if "" in layers:
+        raise ValueError(
+            "the model itself is a single layer; wrap it, e.g. nn.Sequential(model), to compress it"
+        )
+    if not layers:
+        raise ValueError(f"no layer selected for stage {stage.name!r} (supported: {stage.supported_kinds()})")
+    start = time.perf_counter()
+    was_training = model.training
+    params_before, bytes_before = module_params(model), module_bytes(model)
+    metric_before = float(evaluate(model)) if evaluate is not None else None
+    counted = _Counted(evaluate) if evaluate is not None else None
+    info: dict = {}
+    records = stage.apply(
+        model,
+        config,
+        layers=layers,
+        data=data,
+        evaluate=counted,
+        train_step=train_step,
+        make_optimizer=make_optimizer,
+        log=log,
+        info=info,
+        **kwargs,
+    )
+    model.train(was_training)
+    metric_after = float(evaluate(model)) if evaluate is not None else None
+    return Report(
+        stage=stage.name,
+        config=dataclasses.asdict(config),
+        layers=records,
+        params_before=params_before,
+        params_after=module_params(model),
+        bytes_before=bytes_before,
+        bytes_after=module_bytes(model),
+        metric_before=metric_before,
+        metric_after=metric_after,
+        evaluations=counted.calls if counted is not None else 0,
+        seconds=time.perf_counter() - start,
+        info=info,
+        defaults=_defaults(type(config)),
+    )
+
+
+def _defaults(cls: type) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """``torch.save(model.state_dict(), path)``: all :func:`load` needs (see the module doc)."""
+    torch.save(model.state_dict(), path)
+
+
+def _extra_states(state_dict: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    suffix = "_extra_state"
+    found = []
+    for key, value in state_dict.items():
+        if (
+            (key == suffix or key.endswith("." + suffix))
+            and isinstance(value, dict)
+            and EXTRA_STATE_KEY in value
+        ):
+            found.append((key[: -len(suffix)].rstrip("."), value))
+    found.sort(key=lambda kv: (kv[0].count(".") if kv[0] else -1, kv[0]))
+    return found
+
+
+def load(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a compressed checkpoint into ``model`` as built *before* compression; return the model.
+
+    ``source`` is a path written by ``torch.save(model.state_dict(), path)`` (or :func:`save`) or a
+    state dict. Each module whose entry ``<name>._extra_state`` names a stage is swapped for the
+    compressed module that stage rebuilds, then the state dict is loaded (``strict`` as in
+    ``load_state_dict``). A plain, uncompressed state dict loads as usual.
+    """
+    if isinstance(source, Mapping):
+        state_dict = source
+    else:
+        state_dict = torch.load(source, map_location=map_location, weights_only=True)
+    for name, extra in _extra_states(state_dict):
+        if not name:
+            raise ValueError(
+                "a compressed root module cannot be rebuilt in place; wrap the model in a container"
+            )
+        stage = get_stage(str(extra[EXTRA_STATE_KEY]))
+        try:
+            original = model.get_submodule(name)
+        except AttributeError as exc:
+            raise KeyError(f"checkpoint has compressed layer {name!r}, which the given model lacks") from exc
+        model.set_submodule(name, stage.rebuild(original, extra))
+    model.load_state_dict(state_dict, strict=strict)
+    return model

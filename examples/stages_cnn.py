@@ -1,0 +1,125 @@
+"""User module for ``adacomp compress``: the SmallCNN on Fashion-MNIST (MNIST subset if absent).
+
+It provides what the command needs: ``build_model()``, ``evaluate(model)`` (accuracy on held-out
+*training* images, the calibration set; never the test set), ``train_step(model, batch)`` and
+``data()`` (mini-batches of the rest of the training split) for fine-tuning. Run directly, it
+trains a model to compress and measures test accuracy::
+
+    python examples/stages_cnn.py train results/cnn.pt --epochs 1
+    python -m adacomp.stages.cli compress --stage lowrank --set ratio=0.8 --set method=bsr \\
+        --module examples/stages_cnn.py results/cnn.pt results/cnn_small.pt
+    python examples/stages_cnn.py test results/cnn_small.pt
+
+The calibration images are the first ``ADACOMP_EXAMPLE_CALIB`` (default 1000) of a permutation of
+the training split seeded with 0, the same split ``benchmarks/lowrank.py`` holds out, so a model
+saved by ``benchmarks/lowrank.py --save-model`` can be compressed here honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from adacomp import data as datasets
+from adacomp.models import SmallCNN
+
+CALIB = int(os.environ.get("ADACOMP_EXAMPLE_CALIB", "1000"))
+SPLIT_SEED = 0
+BATCH = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _data():
+    """``(train, test, calib_idx, train_idx)``; Fashion-MNIST, or the 5k MNIST subset if absent."""
+    try:
+        train, test = (
+            datasets.load("fashion-mnist", split="train"),
+            datasets.load("fashion-mnist", split="test"),
+        )
+    except datasets.DataNotFound as exc:
+        print(
+            f"stages_cnn: Fashion-MNIST not found, using the 5k MNIST subset instead ({exc})", file=sys.stderr
+        )
+        train, test = datasets.load("mnist", split="train"), datasets.load("mnist", split="test")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    calib = min(CALIB, len(train) // 5)
+    return train, test, perm[:calib], perm[calib:]
+
+
+def build_model() -> torch.nn.Module:
+    """The model as built before compression."""
+    return SmallCNN(in_channels=1, num_classes=10, image_size=28)
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    model.train(was_training)
+    return correct / len(y)
+
+
+def evaluate(model: torch.nn.Module) -> float:
+    """Accuracy on the held-out calibration images (higher is better)."""
+    train, _, calib, _ = _data()
+    return accuracy(model, train.x[calib], train.y[calib])
+
+
+def train_step(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy of one batch (the stage back-propagates it)."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def data():
+    """Shuffled mini-batches of the training images that are not calibration images."""
+    train, _, _, idx = _data()
+    return datasets.image_batches(train, BATCH, generator=torch.Generator().manual_seed(1), indices=idx)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train the SmallCNN and save its state dict")
+    tr.add_argument("out")
+    tr.add_argument("--epochs", type=float, default=1.0)
+    tr.add_argument("--lr", type=float, default=0.05)
+    te = sub.add_parser("test", help="test accuracy of a saved (possibly compressed) model")
+    te.add_argument("path")
+    args = ap.parse_args(argv)
+    _, test, _, _ = _data()
+    if args.cmd == "train":
+        with torch.random.fork_rng():  # seeded initialization without touching the caller's RNG
+            torch.manual_seed(0)
+            model = build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        batches = data()
+        steps = int(args.epochs * len(batches))
+        for step, batch in zip(range(steps), (b for _ in range(int(args.epochs) + 1) for b in batches)):
+            loss = train_step(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 200 == 0:
+                print(f"step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        torch.save(model.state_dict(), args.out)
+        print(f"wrote {args.out}")
+    else:
+        from adacomp.stages import load
+
+        model = load(build_model(), args.path)
+    print(f"test accuracy {accuracy(model, test.x, test.y):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
