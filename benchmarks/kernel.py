@@ -147,7 +147,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true", help="skip the slow reference timing")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for torch and the kernels (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     backends = args.backends or [b for b in ops.available_backends(args.device) if b != "torch"]
     if not backends:
         backends = ["torch"]
