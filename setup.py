@@ -70,5 +70,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["adacomp = adacomp.stages.cli:main"]},
 )
