@@ -1,22 +1,27 @@
 """Evidence for the low-rank stage (issue 6): BSR vs uniform vs energy rank selection.
 
 Trains the SmallCNN on Fashion-MNIST (the 5k MNIST subset when Fashion-MNIST is absent, said
-on stdout), then compresses it at each parameter reduction (default 50 %, 70 %, 80 %) with
-each method, once without fine-tuning and once with the same short training budget:
+on stdout) for ``--epochs`` (default 3, SGD with cosine decay, seeded), then compresses it at
+each parameter reduction (default 50 %, 70 %, 80 %) with each method, once without
+fine-tuning and once with the same short training budget:
 
 * without fine-tuning: the allocation of ``LowRankConfig(ratio, method)``, factorized at once.
   BSR scores its candidates by accuracy on ``--calib`` held-out *training* images (never the
   test set).
 * with fine-tuning: the same allocation (``method="fixed"``), then ``--train-steps`` SGD steps
-  for every method. BSR spends ``--regularize-steps`` of them on its compression-friendly
-  training (modified stable-rank regulariser, before factorizing) and the rest on plain
-  fine-tuning; the baselines spend all of them on plain fine-tuning.
+  (cosine decay from ``--ft-lr``) for every method. BSR spends ``--regularize-steps`` of them
+  on its compression-friendly training (modified stable-rank regulariser, before factorizing)
+  and the rest on plain fine-tuning; the baselines spend all of them on plain fine-tuning.
+  ``--ablate-msr`` adds BSR's allocation with plain fine-tuning only, and every run reports
+  the uncompressed model after the same fine-tuning, so gains from mere extra training show.
 
-Prints a table, checks the targets, writes ``--json`` and ``--plot`` (test accuracy against
-parameter reduction)::
+Prints a table (and the same as Markdown), checks the targets, writes ``--json`` and
+``--plot`` (test accuracy against parameter reduction)::
 
-    python benchmarks/lowrank.py --json results/lowrank.json --plot results/lowrank.png
+    python benchmarks/lowrank.py --ablate-msr --json results/lowrank.json --plot results/lowrank.png
     python benchmarks/lowrank.py --epochs 1 --ratios 0.8 --methods bsr energy   # quicker look
+
+About 8 minutes on 2 idle cores (training 2.5 min); several times that on a busy machine.
 """
 
 from __future__ import annotations
@@ -42,9 +47,14 @@ SPLIT_SEED = 0  # the same held-out calibration split as examples/stages_cnn.py
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "mnist"])
-    ap.add_argument("--epochs", type=float, default=2.0, help="training epochs of the base model")
+    ap.add_argument("--epochs", type=float, default=3.0, help="training epochs of the base model")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the base model")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=0.05,
+        help="peak SGD learning rate of the base model (cosine decay to 0 over training)",
+    )
     ap.add_argument(
         "--calib", type=int, default=1000, help="held-out training images that score BSR candidates"
     )
@@ -60,12 +70,28 @@ def parse_args(argv=None):
         default=100,
         help="of --train-steps, BSR's steps with the modified stable-rank regulariser",
     )
-    ap.add_argument("--regularize-weight", type=float, default=0.1)
-    ap.add_argument("--ft-lr", type=float, default=0.01, help="SGD learning rate of fine-tuning")
+    ap.add_argument(
+        "--regularize-weight",
+        type=float,
+        default=LowRankConfig.regularize_weight,
+        help="lambda of the modified stable-rank regulariser",
+    )
+    ap.add_argument(
+        "--ablate-msr",
+        action="store_true",
+        help="also fine-tune BSR's allocation without the regulariser (plain steps only)",
+    )
+    ap.add_argument(
+        "--ft-lr",
+        type=float,
+        default=0.01,
+        help="peak SGD learning rate of fine-tuning (cosine decay to 0 in each phase)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-model", default=None, help="save the trained base model's state dict here")
     ap.add_argument("--load-model", default=None, help="skip training: load this base model state dict")
+    ap.add_argument("--from-json", default=None, help="no run: print and plot the results in this JSON")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
@@ -109,6 +135,11 @@ def train_step(model, batch):
     return F.cross_entropy(model(x), y)
 
 
+def ft_batches(args, train, idx):
+    """The fine-tuning batches: the same seeded order for every compressed model."""
+    return datasets.image_batches(train, args.batch_size, generator=args.seed + 1, indices=idx)
+
+
 def train_base(args, train, idx) -> SmallCNN:
     with torch.random.fork_rng():  # seeded initialization, caller's RNG untouched
         torch.manual_seed(args.seed)
@@ -116,6 +147,9 @@ def train_base(args, train, idx) -> SmallCNN:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     batches = datasets.image_batches(train, args.batch_size, generator=args.seed, indices=idx)
     steps = int(args.epochs * len(batches))
+    # cosine decay: the base model ends converged, so fine-tuning the compressed models does not
+    # win accuracy merely by annealing (the uncompressed + fine-tuning reference checks this)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     start, step = time.perf_counter(), 0
     model.train()
     while step < steps:
@@ -126,6 +160,7 @@ def train_base(args, train, idx) -> SmallCNN:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             step += 1
             if step % 100 == 0 or step == steps:
                 el = time.perf_counter() - start
@@ -168,11 +203,25 @@ def run(args) -> dict:
         flush=True,
     )
 
+    # reference: the uncompressed model with the same fine-tuning budget (more training helps it too)
+    dense = copy.deepcopy(base)
+    opt = torch.optim.SGD(dense.parameters(), lr=args.ft_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.train_steps, 1))  # as the stage's
+    dense.train()
+    for _, batch in zip(range(args.train_steps), ft_batches(args, train, train_idx)):
+        loss = train_step(dense, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    dense_ft = accuracy(dense, test.x, test.y)
+    print(
+        f"uncompressed + {args.train_steps} fine-tuning steps: test accuracy {100 * dense_ft:.2f}%",
+        flush=True,
+    )
+
     def calib_eval(model):
         return accuracy(model, xc, yc)
-
-    def ft_data():
-        return datasets.image_batches(train, args.batch_size, generator=args.seed + 1, indices=train_idx)
 
     rows = []
     for ratio in args.ratios:
@@ -209,13 +258,25 @@ def run(args) -> dict:
             )
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            ft = compress_(model, ft_cfg, data=ft_data(), train_step=train_step)
+            ft = compress_(model, ft_cfg, data=ft_batches(args, train, train_idx), train_step=train_step)
             row.update(
                 ft_test_acc=accuracy(model, test.x, test.y),
                 ft_s=time.perf_counter() - start,
                 ft_info={k: ft.info[k] for k in ("regularize", "finetune") if k in ft.info},
             )
             assert ft.params_after == rep.params_after
+            if method == "bsr" and args.ablate_msr:
+                model = copy.deepcopy(base)
+                plain = LowRankConfig(
+                    method="fixed", ranks=rep.info["ranks"], finetune_steps=args.train_steps, lr=args.ft_lr
+                )
+                compress_(model, plain, data=ft_batches(args, train, train_idx), train_step=train_step)
+                row["ft_plain_test_acc"] = accuracy(model, test.x, test.y)
+                print(
+                    f"  (ablation: BSR allocation with {args.train_steps} plain steps, no regulariser: "
+                    f"{100 * row['ft_plain_test_acc']:.2f}%)",
+                    flush=True,
+                )
             rows.append(row)
             print(
                 f"ratio {ratio:.2f} {method:8s} reduction {100 * row['reduction']:.2f}%  test "
@@ -235,6 +296,7 @@ def run(args) -> dict:
         "threads": args.threads,
         "base_test_acc": base_test,
         "base_calib_acc": base_calib,
+        "dense_ft_test_acc": dense_ft,
         "base_params": _params(base),
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
@@ -271,43 +333,63 @@ def check(result: dict) -> dict:
     return out
 
 
-def table(result: dict) -> str:
-    head = (
-        f"SmallCNN on {result['data']}: base test accuracy {100 * result['base_test_acc']:.2f}% "
-        f"({result['base_params']:,} params); fine-tuning budget {result['train_steps']} steps "
-        f"(BSR: {result['regularize_steps']} with the regulariser, lambda={result['regularize_weight']})"
-    )
+def _rows(result: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    base = result["base_test_acc"]
     cols = (
         "reduction",
         "method",
         "achieved",
         "params",
+        "evals",
         "calib acc",
         "test acc",
-        "drop",
+        "vs base",
         "test acc ft",
-        "drop ft",
-        "evals",
+        "vs base ft",
     )
-    lines = [head, "  ".join(f"{c:>11s}" for c in cols)]
+    rows = []
     for r in result["rows"]:
-        vals = (
-            f"{100 * r['ratio']:.0f}%",
-            r["method"],
-            f"{100 * r['reduction']:.2f}%",
-            f"{r['params']:,}",
-            f"{100 * r['calib_acc']:.2f}%",
-            f"{100 * r['test_acc']:.2f}%",
-            f"{100 * (result['base_test_acc'] - r['test_acc']):+.2f}",
-            f"{100 * r['ft_test_acc']:.2f}%",
-            f"{100 * (result['base_test_acc'] - r['ft_test_acc']):+.2f}",
-            str(r["evaluations"]),
+        rows.append(
+            (
+                f"{100 * r['ratio']:.0f}%",
+                r["method"],
+                f"{100 * r['reduction']:.2f}%",
+                f"{r['params']:,}",
+                str(r["evaluations"]),
+                f"{100 * r['calib_acc']:.2f}%",
+                f"{100 * r['test_acc']:.2f}%",
+                f"{100 * (r['test_acc'] - base):+.2f}",
+                f"{100 * r['ft_test_acc']:.2f}%",
+                f"{100 * (r['ft_test_acc'] - base):+.2f}",
+            )
         )
-        lines.append("  ".join(f"{v:>11s}" for v in vals))
-    lines.append(
-        "(drop = base minus compressed test accuracy, in points; achieved = parameter reduction "
-        "of the whole model)"
+    return cols, rows
+
+
+def _caption(result: dict) -> str:
+    return (
+        f"SmallCNN on {result['data']} ({result['base_params']:,} params, {result['epochs']:g} epochs): "
+        f"test accuracy {100 * result['base_test_acc']:.2f}%, {100 * result['dense_ft_test_acc']:.2f}% after "
+        f"the same {result['train_steps']} fine-tuning steps without compression. Fine-tuning: "
+        f"{result['train_steps']} steps per model (BSR: {result['regularize_steps']} of them with the "
+        f"modified stable-rank regulariser, lambda={result['regularize_weight']:g}). 'vs base': "
+        f"compressed minus uncompressed test accuracy, in points; 'achieved': parameter reduction of the "
+        f"whole model; 'evals': calibration scores computed by the beam search."
     )
+
+
+def table(result: dict) -> str:
+    cols, rows = _rows(result)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    return _caption(result) + "\n" + "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    cols, rows = _rows(result)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -317,12 +399,14 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"bsr": "C0", "uniform": "C1", "energy": "C2"}
-    for ax, key, title in (
+    panels = (
         (axes[0], "test_acc", "without fine-tuning"),
         (axes[1], "ft_test_acc", f"after {result['train_steps']} fine-tuning steps"),
-    ):
+        (axes[2], "ft_test_acc", "after fine-tuning, zoomed on bsr and energy"),
+    )
+    for ax, key, title in panels:
         for method in colors:
             rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["reduction"])
             if rows:
@@ -334,11 +418,24 @@ def plot(result: dict, path: str) -> None:
                     label=method,
                 )
         ax.axhline(100 * result["base_test_acc"], color="k", ls="--", lw=1, label="uncompressed")
+        if key == "ft_test_acc":
+            ax.axhline(
+                100 * result["dense_ft_test_acc"],
+                color="k",
+                ls=":",
+                lw=1,
+                label="uncompressed + same fine-tuning",
+            )
         ax.set_xlabel("parameter reduction (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+    near = [100 * r["ft_test_acc"] for r in result["rows"] if r["method"] in ("bsr", "energy")]
+    if near:
+        top = 100 * max(result["base_test_acc"], result["dense_ft_test_acc"], *(v / 100 for v in near))
+        axes[2].set_ylim(min(near) - 0.5, top + 0.5)
+    axes[0].legend()
+    axes[1].legend()
     fig.suptitle(f"Low-rank compression of the SmallCNN on {result['data']}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -348,9 +445,16 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    if args.from_json:  # re-print and re-plot a finished run
+        with open(args.from_json) as f:
+            result = json.load(f)
+        args.json = None
+    else:
+        result = run(args)
     print()
     print(table(result))
+    print()
+    print(markdown(result))
     print("targets:", json.dumps(result["targets"], indent=2))
     print(f"total {result['wall_s']:.0f} s")
     if args.json:

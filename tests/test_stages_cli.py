@@ -45,7 +45,6 @@ TASK = textwrap.dedent("""
 def task(tmp_path):
     module = tmp_path / "tiny_task.py"
     module.write_text(TASK)
-    torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(32, 128),
         torch.nn.ReLU(),

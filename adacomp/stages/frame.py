@@ -409,7 +409,8 @@ class _Counted:
 
     def __call__(self, model: nn.Module) -> float:
         self.calls += 1
-        return float(self.fn(model))
+        with torch.no_grad():  # scoring never needs gradients
+            return float(self.fn(model))
 
 
 def compress_(
@@ -433,8 +434,9 @@ def compress_(
         filter_fn: ``filter_fn(module, name) -> bool`` over the modules that own parameters;
             default: every layer the stage supports. Selecting an unsupported layer raises
             :class:`UnsupportedLayerError`.
-        evaluate: ``evaluate(model) -> float``, higher is better; called before and after (for
-            the report) and by stages that score candidates.
+        evaluate: ``evaluate(model) -> float``, higher is better; called (under
+            ``torch.no_grad()``) before and after, for the report, and by stages that score
+            candidates.
         train_step: ``train_step(model, batch) -> loss`` (not back-propagated; see the module doc).
         make_optimizer: ``make_optimizer(params) -> Optimizer`` overrides the stage's optimizer.
         log: progress messages go here (e.g. ``print``); default: silent.
@@ -451,8 +453,10 @@ def compress_(
     start = time.perf_counter()
     was_training = model.training
     params_before, bytes_before = module_params(model), module_bytes(model)
-    metric_before = float(evaluate(model)) if evaluate is not None else None
     counted = _Counted(evaluate) if evaluate is not None else None
+    metric_before = counted(model) if counted is not None else None
+    if counted is not None:
+        counted.calls = 0  # count only the stage's own calls
     info: dict = {}
     records = stage.apply(
         model,
@@ -467,7 +471,8 @@ def compress_(
         **kwargs,
     )
     model.train(was_training)
-    metric_after = float(evaluate(model)) if evaluate is not None else None
+    evaluations = counted.calls if counted is not None else 0
+    metric_after = counted(model) if counted is not None else None
     return Report(
         stage=stage.name,
         config=dataclasses.asdict(config),
@@ -478,7 +483,7 @@ def compress_(
         bytes_after=module_bytes(model),
         metric_before=metric_before,
         metric_after=metric_after,
-        evaluations=counted.calls if counted is not None else 0,
+        evaluations=evaluations,
         seconds=time.perf_counter() - start,
         info=info,
         defaults=_defaults(type(config)),
