@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "CharLSTM", "SmallCNN", "build_model"]
+__all__ = ["MODELS", "CharLSTM", "SmallCNN", "accuracy", "build_model"]
 
 
 class SmallCNN(nn.Module):
@@ -149,3 +149,16 @@ def build_model(name: str, **kw) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
     return cls(**kw)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Classification accuracy of ``model`` on ``(x, y)``, in eval mode and without grad,
+    ``batch`` samples at a time; the model's training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    model.train(was_training)
+    return correct / len(y)

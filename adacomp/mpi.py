@@ -127,11 +127,6 @@ class Communicator(ExchangeState):
         return torch.from_numpy(buf).to(device=flat.device, dtype=dtype)
 
 
-def mpi_rank_and_size() -> tuple[int, int]:
-    MPI = _mpi()
-    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-
-
 def init_torch_distributed(backend: str = "gloo", port: int | None = None, **kwargs) -> tuple[int, int]:
     """Initialise ``torch.distributed`` from the MPI environment (``mpiexec -n N ...``).
 

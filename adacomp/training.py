@@ -184,10 +184,6 @@ def attach_compressor(ddp: DDP, model, name: str, args, world: int):
     return counting
 
 
-def traffic_of(obj) -> TrafficStats:
-    return obj.traffic
-
-
 # ------------------------------------------------------------------------------ backends
 
 class _Steps:
@@ -450,13 +446,13 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
                 mean = float(loss_acc[0] / loss_acc[1])
                 loss_acc.zero_()
                 curve.append((step, mean))
-                wire_curve.append((step, traffic_of(hook_state).as_dict()["total"]["all"]["wire_bytes"]))
+                wire_curve.append((step, hook_state.traffic.as_dict()["total"]["all"]["wire_bytes"]))
                 bar.update(step, mean)
         epoch += 1
     wall = time.time() - t0
     bar.close()
     metrics = evaluate(model, d, args, rank, world, backend)
-    traffic = traffic_of(hook_state).as_dict()
+    traffic = hook_state.traffic.as_dict()
     return {"compressor": name, "steps": step, "wall_s": wall, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from adacomp import data as datasets
-from adacomp.models import SmallCNN
+from adacomp.models import SmallCNN, accuracy
 from adacomp.stages import LowRankConfig, compress_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,17 +117,6 @@ def load_data(name: str, calib: int):
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED))
     calib = min(calib, len(train) // 5)
     return name, train, test, perm[:calib], perm[calib:]
-
-
-def accuracy(model, x, y, batch: int = 1000) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / len(y)
 
 
 def train_step(model, batch):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from adacomp import data as datasets
-from adacomp.models import SmallCNN
+from adacomp.models import SmallCNN, accuracy
 
 CALIB = int(os.environ.get("ADACOMP_EXAMPLE_CALIB", "1000"))
 SPLIT_SEED = 0
@@ -54,17 +54,6 @@ def _data():
 def build_model() -> torch.nn.Module:
     """The model as built before compression."""
     return SmallCNN(in_channels=1, num_classes=10, image_size=28)
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / len(y)
 
 
 def evaluate(model: torch.nn.Module) -> float:
