@@ -123,13 +123,22 @@ class AdaComp:
         self.commit(pending)
         return p
 
-    def prepare(self, name: str, grad: torch.Tensor):
+    def prepare(self, name: str, grad: torch.Tensor, *, bin_size: int | None = None):
         """Two-phase :meth:`compress`: the payload, and a pending residue update.
 
         Integrations call :meth:`commit` once every rank agreed that the payload is used,
         or :meth:`discard` (residue untouched) when the step goes dense or another rank saw
         a non-finite gradient. ``pending`` is ``None`` when there is nothing to commit.
+        ``bin_size`` overrides the configured bin size for this call (the sharded exchange's
+        owners re-compress shards with the bin size of the first level).
         """
+        payloads, pending = self.prepare_split(name, grad, 1, bin_size=bin_size)
+        return payloads[0], pending
+
+    def prepare_split(self, name: str, grad: torch.Tensor, shards: int, *, bin_size: int | None = None):
+        """:meth:`prepare`, with the payload split into ``shards`` bin-aligned pieces
+        (:func:`adacomp.payload.shard_bounds`): a list of payloads, one per shard. A tensor
+        sent dense by rule gives one dense payload whatever ``shards`` is."""
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
         if not grad.is_floating_point():
@@ -142,10 +151,14 @@ class AdaComp:
         g = grad.detach()
         if self.device is not None and g.device != self.device:
             g = g.to(self.device)
-        L = self.bin_size_for(name, grad)
+        if bin_size is not None:
+            _check_bin_size(bin_size, f" for {name!r}")
+            L = bin_size
+        else:
+            L = self.bin_size_for(name, grad)
         self._shapes[name] = shape
         if L is None:
-            return payload.encode_dense(g), None
+            return [payload.encode_dense(g)], None
         flat = g.reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.to(torch.float32)
@@ -158,11 +171,17 @@ class AdaComp:
             flat, residue, out, L, SCALE_MODES[self.scale], VALUE_MODES[self.values])
         n_sent, nonfinite = (int(x) for x in info.tolist())
         kind = _PAYLOAD_KIND[self.values]
+        if shards == 1:
+            if nonfinite:
+                self._spare[(n, flat.device)] = out
+                return [payload.encode_nonfinite(shape, L, kind, flat.device)], None
+            return [payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)], (name, out)
+        bounds = payload.shard_bounds(n, L, shards)
         if nonfinite:
             self._spare[(n, flat.device)] = out
-            return payload.encode_nonfinite(shape, L, kind, flat.device), None
-        p = payload.encode(shape, L, counts, offsets, values, float(scale[0]), kind)
-        return p, (name, out)
+            return [payload.encode_nonfinite((e - s,), payload.shard_bin_size(L, s, e), kind, flat.device)
+                    for s, e in bounds], None
+        return payload.encode_split(n, L, counts, offsets, values, float(scale[0]), kind, bounds), (name, out)
 
     def commit(self, pending) -> None:
         """Make a pending residue update from :meth:`prepare` the residue."""

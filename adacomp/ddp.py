@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import ExchangeState, GroupExchange
+from .exchange import CostModel, ExchangeState, check_exchange
 from .stats import TrafficStats
 
 logger = logging.getLogger(__name__)
@@ -55,28 +55,37 @@ class AdaCompState(ExchangeState):
         bin_size, scale, values, min_numel, device: the compressor settings of
             :class:`adacomp.AdaComp`.
         start_iter: dense allreduce (no compression, residues untouched) before this step.
+        exchange: how payloads travel (see :mod:`adacomp.exchange`): ``"allgather"``,
+            ``"sharded"`` (traffic per worker about two payloads whatever the world size;
+            owner residues are a second level of error feedback) or ``"auto"`` (default:
+            per bucket and step, the cheapest under ``cost_model``).
+        cost_model: :class:`adacomp.exchange.CostModel` (link bandwidth and latency) for
+            ``exchange="auto"``.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
     """
 
     __slots__ = [
         # tuned knobs
-        "bin_size", "scale", "values", "min_numel", "start_iter",
+        "bin_size", "scale", "values", "min_numel", "start_iter", "exchange", "cost_model",
         # switches and plumbing
         "process_group", "log_every", "_param_names",
         # internal state
-        "compressor", "iter", "traffic",
+        "compressor", "owner", "iter", "traffic",
     ]
 
     def __init__(self, process_group=None, model: nn.Module | None = None, *, named_parameters=None,
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
-                 min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, log_every: int = 100,
-                 device=None):
+                 min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
+                 cost_model: CostModel | None = None, log_every: int = 100, device=None):
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
         self.process_group = process_group
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
         self.start_iter = start_iter
+        self.exchange = check_exchange(exchange)
+        self.cost_model = cost_model or CostModel()
+        self.owner = None
         self.log_every = log_every
         self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
                                   min_numel=min_numel, device=device)
@@ -116,6 +125,20 @@ class AdaCompState(ExchangeState):
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _allgather_int64(t, world, group):
+    out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
+    _all_gather_single(out, t, group=group)
+    return out.view(world, -1)
+
+
+def _alltoallv(parts, recv_sizes, group):
+    send = torch.cat(parts)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=send.device)
+    dist.all_to_all_single(recv, send, output_split_sizes=list(recv_sizes),
+                           input_split_sizes=[p.numel() for p in parts], group=group)
+    return list(torch.split(recv, list(recv_sizes)))
+
+
 def _group(state):
     return state.process_group if state.process_group is not None else dist.group.WORLD
 
@@ -139,15 +162,16 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
 
     grads = bucket.gradients()
     names = [state.name_of(p) for p in bucket.parameters()]
-    ex = GroupExchange(state.compressor, names, grads, world)
-    meta = ex.meta()
-    all_meta = torch.empty(world * meta.numel(), dtype=meta.dtype, device=meta.device)
-    # The size exchange is waited for here, on the thread that runs the hooks, on purpose:
-    # issuing the payload collectives from a Future callback instead would let them
-    # interleave with the next bucket's collectives in a different order on different
-    # ranks. The big transfers below stay asynchronous and overlap with the backward pass.
-    _all_gather_single(all_meta, meta, group=group)
-    ex.decide(all_meta)  # raises on every rank if the configurations differ
+    ex = state.group_exchange(names, grads, world, dist.get_rank(group))
+    # The size exchange (and, in sharded mode, the all-to-all to the owners and the owners'
+    # sizes) is waited for here, on the thread that runs the hooks, on purpose: issuing
+    # collectives from a Future callback instead would let them interleave with the next
+    # bucket's collectives in a different order on different ranks. The last transfers
+    # below stay asynchronous and overlap with the backward pass.
+    ex.decide(_allgather_int64(ex.meta(), world, group))  # raises on every rank if configs differ
+    if ex.mode == "sharded":
+        ex.reduce_owned(_alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes(), group))
+        ex.set_owner_sizes(_allgather_int64(ex.owner_sizes(), world, group))
     futures = []
     gathered = dense = None
     mine = ex.payload_buffer()

@@ -3,7 +3,8 @@
 Horovod's ``compression=`` interface cannot carry a sparse payload (it allreduces whatever
 it is given), so this wrapper does not use it: it compresses each gradient with the AdaComp
 core and exchanges the payloads with ``hvd.allgather``, which accepts a different length
-on every rank, so no padding and no patched Horovod are needed::
+on every rank, so no padding and no patched Horovod are needed (``exchange="sharded"`` adds
+``hvd.alltoall``)::
 
     import horovod.torch as hvd
     import adacomp.horovod
@@ -26,7 +27,7 @@ import contextlib
 import torch
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import GroupExchange, PlainExchangeState
+from .exchange import CostModel, PlainExchangeState, Transport, run_exchange
 
 
 def _hvd():
@@ -38,11 +39,41 @@ def _hvd():
     return hvd
 
 
+class HorovodTransport(Transport):
+    """:class:`adacomp.exchange.Transport` over Horovod's collectives (each named by the
+    exchange counter, as Horovod matches operations across ranks by name)."""
+
+    def __init__(self, hvd, tag: str):
+        self.hvd = hvd
+        self.world, self.rank = hvd.size(), hvd.rank()
+        self.tag = tag
+        self.n = 0
+
+    def _name(self, what):
+        self.n += 1
+        return f"adacomp.{what}.{self.tag}.{self.n}"
+
+    def allgather_int64(self, t):
+        return self.hvd.allgather(t.unsqueeze(0), name=self._name("meta"))
+
+    def allgatherv(self, own, sizes):
+        # Horovod's allgather takes a different first dimension on every rank: no padding.
+        return list(torch.split(self.hvd.allgather(own, name=self._name("payload")), list(sizes)))
+
+    def alltoallv(self, parts, recv_sizes):
+        splits = torch.tensor([p.numel() for p in parts], dtype=torch.int32)
+        recv, _ = self.hvd.alltoall(torch.cat(parts), splits=splits, name=self._name("shards"))
+        return list(torch.split(recv, list(recv_sizes)))
+
+    def allreduce_sum(self, flat):
+        return self.hvd.allreduce(flat, op=self.hvd.Sum, name=self._name("dense"))
+
+
 class _AdaCompOptimizerMixin:
     """Methods mixed into a subclass of the user's optimizer class (as Horovod does)."""
 
     def _adacomp_init(self, named_parameters, backward_passes_per_step, compressor, start_iter,
-                      prefix):
+                      prefix, exchange, cost_model):
         params = [p for group in self.param_groups for p in group["params"]]
         if named_parameters is not None:
             named = list(named_parameters)
@@ -62,7 +93,7 @@ class _AdaCompOptimizerMixin:
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self._adacomp_names = names
-        self._adacomp_state = PlainExchangeState(compressor)
+        self._adacomp_state = PlainExchangeState(compressor, exchange, cost_model)
         self.backward_passes_per_step = backward_passes_per_step
         self._adacomp_start_iter = start_iter
         self._adacomp_synchronized = False
@@ -82,22 +113,9 @@ class _AdaCompOptimizerMixin:
         if self._adacomp_state.iter < self._adacomp_start_iter:
             self._dense_average(grads, world)
         else:
-            ex = GroupExchange(self._adacomp_state.compressor, names, grads, world)
-            meta = ex.meta()
-            all_meta = hvd.allgather(meta.unsqueeze(0), name=f"adacomp.meta.{self._adacomp_state.iter}")
-            ex.decide(all_meta)
-            gathered = None
-            if ex.compressed:
-                own = torch.cat([ex.payloads[t].tensor for t in ex.compressed])
-                recv = hvd.allgather(own, name=f"adacomp.payload.{self._adacomp_state.iter}")
-                counts = ex.sizes[:, ex.compressed].sum(dim=1).tolist()
-                gathered = list(torch.split(recv, counts))
-            dense = ex.dense_buffer()
-            dense_sum = None
-            if dense is not None:
-                dense_sum = hvd.allreduce(dense, op=hvd.Sum, name=f"adacomp.dense.{self._adacomp_state.iter}")
-            ex.account(self._adacomp_state.traffic, padded=False)
-            ex.finish(gathered, dense_sum)
+            state = self._adacomp_state
+            ex = state.group_exchange(names, grads, world, hvd.rank())
+            run_exchange(ex, HorovodTransport(hvd, str(state.iter)), state.traffic)
         self._adacomp_state.iter += 1
         self._adacomp_state.traffic.end_step()
         self._adacomp_synchronized = True
@@ -163,7 +181,8 @@ class _AdaCompOptimizerMixin:
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, *,
                          backward_passes_per_step: int = 1, bin_size=None, scale: str = "binmax_mean",
                          values: str = "ternary", min_numel: int = DEFAULT_MIN_NUMEL,
-                         start_iter: int = 0, device=None, prefix: str = ""):
+                         start_iter: int = 0, exchange: str = "auto", cost_model: CostModel | None = None,
+                         device=None, prefix: str = ""):
     """Wrap ``optimizer`` so that ``step()`` first averages the gradients with AdaComp.
 
     Like ``horovod.torch.DistributedOptimizer`` the result is an instance of a subclass of
@@ -172,7 +191,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     passes accumulate (autograd sums them) before the one exchange in ``step()``.
     Parameters whose ``.grad`` is ``None`` in a step are left out of that step's exchange
     (all ranks must agree on which; a mismatch raises on every rank).
-    ``state_dict()`` includes this rank's residues under the key ``"adacomp"``.
+    ``exchange`` / ``cost_model``: how payloads travel, as for the DDP hook
+    (:mod:`adacomp.exchange`; sharded mode uses ``hvd.alltoall``).
+    ``state_dict()`` includes this rank's residues (and owner residues) under the key
+    ``"adacomp"``.
     """
     hvd = _hvd()
     compressor = AdaComp(bin_size=bin_size, scale=scale, values=values, min_numel=min_numel,
@@ -186,5 +208,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), body)
     opt = cls.__new__(cls)
     opt.__dict__.update(optimizer.__dict__)  # same param groups, state and hooks
-    opt._adacomp_init(named_parameters, backward_passes_per_step, compressor, start_iter, prefix)
+    opt._adacomp_init(named_parameters, backward_passes_per_step, compressor, start_iter, prefix,
+                      exchange, cost_model)
     return opt

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import ExchangeState, GroupExchange
+from .exchange import CostModel, ExchangeState, Transport, check_exchange, run_exchange
 from .stats import TrafficStats
 
 
@@ -51,15 +51,21 @@ class Communicator(ExchangeState):
         comm: an ``mpi4py.MPI.Comm`` (default ``MPI.COMM_WORLD``).
         bin_size, scale, values, min_numel, device: the settings of :class:`adacomp.AdaComp`.
         start_iter: plain dense averaging (residues untouched) before this many calls.
+        exchange, cost_model: how payloads travel, as for the DDP hook (:mod:`adacomp.exchange`;
+            the sharded mode uses ``Alltoallv``).
     """
 
     def __init__(self, comm=None, *, bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
-                 min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, device=None):
+                 min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
+                 cost_model: CostModel | None = None, device=None):
         MPI = _mpi()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
                                   min_numel=min_numel, device=device)
         self.start_iter = start_iter
+        self.exchange = check_exchange(exchange)
+        self.cost_model = cost_model or CostModel()
+        self.owner = None
         self.iter = 0
         self.traffic = TrafficStats()
 
@@ -96,26 +102,8 @@ class Communicator(ExchangeState):
             self.traffic.add("dense", t.numel() * 4, t.numel() * t.element_size())
 
     def _exchange(self, names, tensors, outputs):
-        MPI = _mpi()
-        W = self.world
-        ex = GroupExchange(self.compressor, names, tensors, W, outputs=outputs)
-        meta = ex.meta().cpu().numpy()
-        all_meta = np.empty(W * meta.size, dtype=np.int64)
-        self.comm.Allgather([meta, MPI.INT64_T], [all_meta, MPI.INT64_T])
-        ex.decide(torch.from_numpy(all_meta))
-        gathered = None
-        if ex.compressed:
-            own = np.concatenate([ex.payloads[t].tensor.cpu().numpy() for t in ex.compressed])
-            counts = ex.sizes[:, ex.compressed].sum(dim=1).tolist()
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
-            recv = np.empty(int(sum(counts)), dtype=np.uint8)
-            self.comm.Allgatherv([own, MPI.BYTE], [recv, counts, displs, MPI.BYTE])
-            rt = torch.from_numpy(recv)
-            gathered = [rt[displs[r]:displs[r] + counts[r]] for r in range(W)]
-        dense = ex.dense_buffer()
-        dense_sum = self._sum(dense) if dense is not None else None
-        ex.account(self.traffic, padded=False)  # Allgatherv: every rank sends its own bytes
-        ex.finish(gathered, dense_sum)
+        ex = self.group_exchange(names, tensors, self.world, self.rank, outputs=outputs)
+        run_exchange(ex, _MPITransport(self), self.traffic)
 
     def _sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks of a 1-D tensor (fp16/bf16 summed in fp32)."""
@@ -125,6 +113,47 @@ class Communicator(ExchangeState):
         buf = work.cpu().contiguous().numpy().copy()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return torch.from_numpy(buf).to(device=flat.device, dtype=dtype)
+
+
+class _MPITransport(Transport):
+    """:class:`adacomp.exchange.Transport` over mpi4py (``Allgatherv`` and ``Alltoallv``:
+    every rank sends exactly its own bytes, no padding)."""
+
+    def __init__(self, owner: Communicator):
+        self.owner = owner
+        self.comm = owner.comm
+        self.world, self.rank = owner.world, owner.rank
+
+    def allgather_int64(self, t):
+        MPI = _mpi()
+        mine = t.cpu().numpy()
+        out = np.empty(self.world * mine.size, dtype=np.int64)
+        self.comm.Allgather([mine, MPI.INT64_T], [out, MPI.INT64_T])
+        return torch.from_numpy(out).view(self.world, -1)
+
+    def allgatherv(self, own, sizes):
+        MPI = _mpi()
+        counts = [int(c) for c in sizes]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+        recv = np.empty(int(sum(counts)), dtype=np.uint8)
+        self.comm.Allgatherv([own.cpu().numpy(), MPI.BYTE], [recv, counts, displs, MPI.BYTE])
+        rt = torch.from_numpy(recv)
+        return [rt[displs[r]:displs[r] + counts[r]] for r in range(self.world)]
+
+    def alltoallv(self, parts, recv_sizes):
+        MPI = _mpi()
+        send = torch.cat(parts).cpu().numpy() if parts else np.empty(0, np.uint8)
+        scounts = [p.numel() for p in parts]
+        rcounts = [int(c) for c in recv_sizes]
+        sdispl = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(np.int64).tolist()
+        rdispl = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(np.int64).tolist()
+        recv = np.empty(int(sum(rcounts)), dtype=np.uint8)
+        self.comm.Alltoallv([send, scounts, sdispl, MPI.BYTE], [recv, rcounts, rdispl, MPI.BYTE])
+        rt = torch.from_numpy(recv)
+        return [rt[rdispl[r]:rdispl[r] + rcounts[r]] for r in range(self.world)]
+
+    def allreduce_sum(self, flat):
+        return self.owner._sum(flat)
 
 
 def init_torch_distributed(backend: str = "gloo", port: int | None = None, **kwargs) -> tuple[int, int]:

@@ -325,6 +325,47 @@ def encode(shape, bin_size: int, counts: torch.Tensor, offsets: torch.Tensor,
     return Payload(data, parse_header(head, data.numel()))
 
 
+def shard_bounds(numel: int, bin_size: int, shards: int) -> list[tuple[int, int]]:
+    """Split ``numel`` elements into ``shards`` contiguous ranges on bin boundaries.
+
+    Shard ``s`` holds bins ``[s * nb // shards, (s + 1) * nb // shards)`` of the ``nb`` bins,
+    so every bin (and so every selection decision) lies inside one shard; shards differ
+    by at most one bin, and some are empty when there are fewer bins than shards.
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    L = max(1, min(int(bin_size), numel)) if numel else 1
+    nb = -(-numel // L) if numel else 0
+    edges = [min(numel, (s * nb // shards) * L) for s in range(shards + 1)]
+    edges[-1] = numel
+    return [(edges[s], edges[s + 1]) for s in range(shards)]
+
+
+def shard_bin_size(bin_size: int, start: int, end: int) -> int:
+    """The bin size a shard's payload declares: ``bin_size`` clamped to the shard length
+    (a shard shorter than one bin is the tensor's last, partial bin; empty shards say 1)."""
+    return max(1, min(int(bin_size), end - start))
+
+
+def encode_split(numel: int, bin_size: int, counts: torch.Tensor, offsets: torch.Tensor,
+                 values: torch.Tensor, scale: float, kind: int,
+                 bounds: list[tuple[int, int]]) -> list[Payload]:
+    """Encode one selection result as one payload per shard ``bounds`` (bin-aligned, from
+    :func:`shard_bounds`). Each payload is that of a 1-D tensor of the shard's length with
+    the tensor's scale, so ``decompress_sum`` of a shard payload into ``out[start:end]``
+    adds exactly what the unsplit payload adds there."""
+    L = max(1, min(int(bin_size), numel)) if numel else 1
+    ends = torch.cumsum(counts.to(torch.int64), 0).cpu().tolist() if counts.numel() else []
+    out = []
+    for start, end in bounds:
+        b0, b1 = -(-start // L), -(-end // L)
+        e0 = ends[b0 - 1] if b0 else 0
+        e1 = ends[b1 - 1] if b1 else 0
+        out.append(encode((end - start,), shard_bin_size(L, start, end), counts[b0:b1],
+                          offsets[e0:e1], values[e0:e1], scale, kind))
+    return out
+
+
 def encode_dense(values: torch.Tensor) -> Payload:
     """A dense payload (fp32 values), for tensors the compressor does not select on."""
     shape = tuple(values.shape)

@@ -35,13 +35,29 @@ class TrafficStats:
         self._current = _zero()
         self.steps = 0
         self.last_exchange: dict = {}
+        self.received = {"total": 0, "last_step": 0, "current": 0}
+        self.modes = {"allgather": 0, "sharded": 0, "dense": 0}
+        self.last_choice: dict = {}
 
     def add(self, kind: str, dense_bytes: int = 0, wire_bytes: int = 0) -> None:
         c = self._current[kind]
         c["dense_bytes"] += int(dense_bytes)
         c["wire_bytes"] += int(wire_bytes)
 
+    def add_received(self, nbytes: int) -> None:
+        """Bytes this rank receives from the others (payloads, sizes, dense allreduce)."""
+        self.received["current"] += int(nbytes)
+
+    def note_exchange(self, group: str, mode: str | None, choice: dict) -> None:
+        """Record how a group of tensors (named by its first parameter) was exchanged."""
+        if mode is not None:
+            self.modes[mode] = self.modes.get(mode, 0) + 1
+        self.last_choice[group] = choice
+
     def end_step(self) -> None:
+        r = self.received
+        r["last_step"], r["current"] = r["current"], 0
+        r["total"] += r["last_step"]
         self.last = self._current
         for k in KINDS:
             for f in ("dense_bytes", "wire_bytes"):
@@ -63,14 +79,18 @@ class TrafficStats:
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "total": self._summary(self.total),
-                "last_step": self._summary(self.last)}
+                "last_step": self._summary(self.last),
+                "received_bytes": {"total": self.received["total"], "last_step": self.received["last_step"]}}
 
     def state_dict(self) -> dict:
-        return {"total": copy.deepcopy(self.total), "steps": self.steps}
+        return {"total": copy.deepcopy(self.total), "steps": self.steps,
+                "received": self.received["total"], "modes": dict(self.modes)}
 
     def load_state_dict(self, state: dict) -> None:
         self.total = copy.deepcopy(state["total"])
         self.steps = int(state["steps"])
+        self.received["total"] = int(state.get("received", 0))
+        self.modes.update(state.get("modes", {}))
 
     def format(self) -> str:
         s = self.as_dict()["total"]

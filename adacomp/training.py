@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data as datasets
 from .ddp import AdaCompState, adacomp_hook
+from .exchange import CostModel
 from .models import build_model
 from .stats import TrafficStats, layer_kind
 
@@ -69,6 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--values", default="ternary", choices=["ternary", "fp16", "fp32"])
     p.add_argument("--scale", default="binmax_mean", choices=["binmax_mean", "selected_mean"])
     p.add_argument("--start-iter", type=int, default=0, help="adacomp/powersgd: dense steps first")
+    p.add_argument("--exchange", default="auto", choices=["allgather", "sharded", "auto"],
+                   help="adacomp: how payloads travel (auto: per bucket and step, by the cost model)")
+    p.add_argument("--link-mbps", type=float, default=1000.0,
+                   help="adacomp auto: link bandwidth of the cost model, Mbit/s")
+    p.add_argument("--link-latency-ms", type=float, default=0.1,
+                   help="adacomp auto: latency per collective round of the cost model, ms")
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--bucket-cap-mb", type=float, default=25)
     p.add_argument("--log-every", type=int, default=10, help="steps between loss records")
@@ -147,6 +154,8 @@ class _Counting:
                     if n * m >= (n + m) * r * self.inner.min_compression_rate:
                         wire = (n + m) * r * 4
             self.traffic.add(layer_kind(g.shape) if g.dim() >= 2 else "dense", dense, wire)
+            # every one of these is an allreduce; a ring receives 2 (W-1)/W of its bytes
+            self.traffic.add_received(2 * (self.world - 1) * wire // self.world)
         if bucket.is_last():
             self.traffic.end_step()
             self.step += 1
@@ -160,12 +169,18 @@ def _counting_hook(hook):
     return wrapped
 
 
+def exchange_settings(args) -> dict:
+    """The AdaComp exchange mode and cost model from the command line."""
+    return {"exchange": args.exchange,
+            "cost_model": CostModel(bandwidth=args.link_mbps * 1e6 / 8, latency=args.link_latency_ms / 1e3)}
+
+
 def attach_compressor(ddp: DDP, model, name: str, args, world: int):
     """Register ``name``'s communication hook on ``ddp``; return an object with ``traffic``."""
     if name == "adacomp":
         state = AdaCompState(model=model, bin_size=args.bin_size, min_numel=args.min_numel,
                              values=args.values, scale=args.scale, start_iter=args.start_iter,
-                             log_every=0)
+                             log_every=0, **exchange_settings(args))
         ddp.register_comm_hook(state, adacomp_hook)
         return state
     if name == "none":
@@ -267,7 +282,7 @@ class HorovodBackend:
             opt = ada_hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                bin_size=args.bin_size, min_numel=args.min_numel,
                                                values=args.values, scale=args.scale,
-                                               start_iter=args.start_iter)
+                                               start_iter=args.start_iter, **exchange_settings(args))
             counter = None
         else:
             compression = hvd.Compression.fp16 if name == "fp16" else hvd.Compression.none
@@ -314,7 +329,8 @@ class MPIBackend:
 
         if name == "adacomp":
             comm = Communicator(self.comm, bin_size=args.bin_size, min_numel=args.min_numel,
-                                values=args.values, scale=args.scale, start_iter=args.start_iter)
+                                values=args.values, scale=args.scale, start_iter=args.start_iter,
+                                **exchange_settings(args))
         else:  # dense baseline: every tensor by rule dense, one MPI Allreduce
             comm = Communicator(self.comm, bin_size=_all_dense)
         with torch.no_grad():  # same start everywhere, as DDP's and Horovod's broadcast
@@ -424,7 +440,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     step = 0
     epoch = 0
     loss_acc = torch.zeros(2, dtype=torch.float64)
-    t0 = time.time()
+    t0 = t_last = time.time()
+    step_times = []
     while step < total:
         state = None
         for x, y in batches(args, d, rank, world, epoch):
@@ -440,6 +457,9 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
             loss.backward()
             do_step()
             step += 1
+            now = time.time()
+            step_times.append(round(now - t_last, 6))
+            t_last = now
             loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             if step % args.log_every == 0 or step == total:
                 backend.allreduce_(loss_acc)  # mean training loss over ranks since the last record
@@ -453,7 +473,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     bar.close()
     metrics = evaluate(model, d, args, rank, world, backend)
     traffic = hook_state.traffic.as_dict()
-    return {"compressor": name, "steps": step, "wall_s": wall, "metrics": metrics,
+    label = f"{name}/{args.exchange}" if name == "adacomp" else name
+    return {"compressor": label, "steps": step, "wall_s": wall, "step_times": step_times, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 
 
@@ -465,20 +486,23 @@ def _ratio(x):
 
 def summary_table(results: list[dict], world: int) -> str:
     metric_name = "test acc" if "test_accuracy" in results[0]["metrics"] else "val loss (bpc)"
-    head = (f"{'compressor':<10} {metric_name:>15} {'wall s':>7} {'MB/worker':>10} {'ratio':>7} "
-            f"{'conv':>7} {'fc/rnn':>7} {'dense':>7}")
+    head = (f"{'compressor':<17} {metric_name:>15} {'wall s':>7} {'MB/worker':>10} {'MB recv':>8} "
+            f"{'ratio':>7} {'conv':>7} {'fc/rnn':>7} {'dense':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         m = r["metrics"]
         metric = (f"{100 * m['test_accuracy']:.2f}%" if "test_accuracy" in m
                   else f"{m['val_loss']:.4f} ({m['bits_per_char']:.3f})")
         t = r["traffic"]["total"]
-        lines.append(f"{r['compressor']:<10} {metric:>15} {r['wall_s']:>7.1f} "
-                     f"{t['all']['wire_bytes'] / 1e6:>10.2f} {_ratio(t['all']['ratio']):>7} "
+        recv = r["traffic"].get("received_bytes", {}).get("total", 0)
+        lines.append(f"{r['compressor']:<17} {metric:>15} {r['wall_s']:>7.1f} "
+                     f"{t['all']['wire_bytes'] / 1e6:>10.2f} {recv / 1e6:>8.2f} "
+                     f"{_ratio(t['all']['ratio']):>7} "
                      f"{_ratio(t['conv']['ratio']):>7} {_ratio(t['fc']['ratio']):>7} "
                      f"{_ratio(t['dense']['ratio']):>7}")
-    lines.append(f"({world} workers; ratio = dense fp32 bytes / bytes handed to collectives, "
-                 f"headers and padding included)")
+    lines.append(f"({world} workers; MB/worker: bytes handed to collectives; MB recv: bytes received "
+                 f"from the others (allreduce as a ring); ratio = dense fp32 bytes / bytes handed to "
+                 f"collectives, headers and padding included)")
     return "\n".join(lines)
 
 

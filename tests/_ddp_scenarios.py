@@ -16,7 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adacomp
+from adacomp import _reference
 from adacomp.models import CharLSTM, SmallCNN
+from adacomp.payload import shard_bounds
 
 LR = 0.05
 BATCH = 16
@@ -97,7 +99,7 @@ def train(rank, world, kind, cfg, steps, *, resume=None, save_at=None, dtype=Non
               find_unused_parameters=cfg.get("find_unused", False),
               static_graph=cfg.get("static_graph", False))
     state = adacomp.AdaCompState(model=ddp, start_iter=cfg.get("start_iter", 0), log_every=0,
-                                 **comp_settings(cfg))
+                                 exchange=cfg.get("exchange", "allgather"), **comp_settings(cfg))
     ddp.register_comm_hook(state, adacomp.adacomp_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     first = 0
@@ -126,8 +128,10 @@ def train(rank, world, kind, cfg, steps, *, resume=None, save_at=None, dtype=Non
             saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
                      "opt": opt.state_dict(), "hook": state.state_dict(), "step": step + 1}
     residues = {n: state.compressor.residue(n).clone() for n in state.compressor.names()}
+    owner = state.owner
+    owner_res = {n: owner.residue(n).clone() for n in owner.names()} if owner is not None else {}
     return {"digests": digests, "params": params(model), "stats": state.stats(),
-            "residues": residues, "saved": saved, "iter": state.iter}
+            "residues": residues, "owner_residues": owner_res, "saved": saved, "iter": state.iter}
 
 
 def train_scaler(rank, world, kind, cfg, steps, bad_step, bad_rank):
@@ -135,7 +139,8 @@ def train_scaler(rank, world, kind, cfg, steps, bad_step, bad_rank):
     ``bad_step``. Returns params and residues before and after every step."""
     model = make_model(kind)
     ddp = DDP(model, bucket_cap_mb=cfg.get("bucket_cap_mb", 0.01))
-    state = adacomp.AdaCompState(model=ddp, log_every=0, **comp_settings(cfg))
+    state = adacomp.AdaCompState(model=ddp, log_every=0, exchange=cfg.get("exchange", "allgather"),
+                                 **comp_settings(cfg))
     ddp.register_comm_hook(state, adacomp.adacomp_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -190,6 +195,8 @@ def simulate(kind, world, cfg, steps):
 def _simulate(kind, world, cfg, steps):
     model = make_model(kind)
     comps = [adacomp.AdaComp(**comp_settings(cfg)) for _ in range(world)]
+    owner_residues = {}
+    sharded = cfg.get("exchange", "allgather") == "sharded"
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     accum = cfg.get("accumulate", 1)
     start_iter = cfg.get("start_iter", 0)
@@ -205,11 +212,16 @@ def _simulate(kind, world, cfg, steps):
                           for n, p in model.named_parameters()})
         for n, p in model.named_parameters():
             gs = [grads[w][n] for w in range(world)]
-            p.grad = average(comps, n, gs, world, compress=step >= start_iter)
+            if sharded:
+                p.grad = average_sharded(comps, owner_residues, n, gs, world, compress=step >= start_iter)
+            else:
+                p.grad = average(comps, n, gs, world, compress=step >= start_iter)
         opt.step()
         digests.append(digest(model))
     return {"digests": digests, "params": params(model),
-            "residues": {n: comps[0].residue(n) for n in comps[0].names()}}
+            "residues": {n: comps[0].residue(n) for n in comps[0].names()},
+            "all_residues": [{n: c.residue(n) for n in c.names()} for c in comps],
+            "owner_residues": owner_residues}
 
 
 def dense_sum(gs):
@@ -236,3 +248,42 @@ def average(comps, name, gs, world, compress=True):
     out = torch.zeros(gs[0].shape)
     adacomp.decompress_sum([p for p, _ in prepared], out)
     return out.div_(world).to(gs[0].dtype)
+
+
+def average_sharded(comps, owner_residues, name, gs, world, compress=True):
+    """The sharded exchange written out for ``world`` simulated workers: first-level
+    payloads as in :func:`average`; the average of each bin-aligned shard is re-selected by
+    the reference kernel with a second-level (owner) residue kept per shard."""
+    if not compress or comps[0].bin_size_for(name, gs[0]) is None:
+        return dense_sum(gs).div_(world)
+    n = gs[0].numel()
+    L = max(1, min(comps[0].bin_size_for(name, gs[0]), n))
+    prepared = [c.prepare_split(name, g, world) for c, g in zip(comps, gs)]
+    if any(ps[0].nonfinite for ps, _ in prepared):
+        for c, (_, pend) in zip(comps, prepared):
+            c.discard(pend)
+        return torch.full_like(gs[0], math.nan)
+    if max(sum(p.nbytes for p in ps) for ps, _ in prepared) >= n * gs[0].element_size():
+        for c, (_, pend) in zip(comps, prepared):
+            c.discard(pend)
+        return dense_sum(gs).div_(world)
+    for c, (_, pend) in zip(comps, prepared):
+        c.commit(pend)
+    c0 = comps[0]
+    out = torch.zeros(n)
+    for s, (start, end) in enumerate(shard_bounds(n, L, world)):
+        if start == end:
+            continue
+        avg = torch.zeros(end - start)
+        adacomp.decompress_sum([ps[s] for ps, _ in prepared], avg)
+        avg.div_(world)
+        key = f"{name}@shard[{start}:{end}]"
+        res = owner_residues.get(key, torch.zeros(end - start))
+        Ls = max(1, min(L, end - start))
+        res_new, counts, offsets, q, _, info = _reference.select(
+            avg, res, Ls, _reference.SCALE_MODES[c0.scale], _reference.VALUE_MODES[c0.values])
+        assert not int(info[1])
+        owner_residues[key] = res_new
+        bins = torch.repeat_interleave(torch.arange(counts.numel()), counts.to(torch.int64))
+        out[start:end][bins * Ls + offsets.to(torch.int64)] = q
+    return out.view(gs[0].shape).to(gs[0].dtype)

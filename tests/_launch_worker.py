@@ -28,7 +28,8 @@ class MpiPath:
         from adacomp.mpi import Communicator
 
         self.rank, self.world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-        self.comm = Communicator(start_iter=cfg.get("start_iter", 0), **sc.comp_settings(cfg))
+        self.comm = Communicator(start_iter=cfg.get("start_iter", 0),
+                                 exchange=cfg.get("exchange", "allgather"), **sc.comp_settings(cfg))
 
     def wrap(self, model, opt):
         self.model = model
@@ -71,6 +72,7 @@ class HorovodPath:
 
         opt = adacomp.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                    start_iter=self.cfg.get("start_iter", 0),
+                                                   exchange=self.cfg.get("exchange", "allgather"),
                                                    **sc.comp_settings(self.cfg))
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         self.hvd.broadcast_optimizer_state(opt, root_rank=0)

@@ -126,3 +126,72 @@ def test_config_mismatch_raises_on_every_rank(tmp_path):
     for o in outcomes:
         assert not o["ok"], "a differing configuration must not pass silently"
         assert "configuration differs between ranks" in o["error"]
+
+
+# ------------------------------------------------------------------ sharded exchange
+
+SHARDED = dict(CNN, exchange="sharded")
+SHARDED_ALL = dict(ALL_COMPRESSED, exchange="sharded")
+
+
+def assert_owner_residues_equal(res, sim):
+    """Every owner residue of the simulation lives on exactly one rank, bit-identical."""
+    seen = set()
+    for r in res:
+        for n, v in r["owner_residues"].items():
+            assert torch.equal(v, sim["owner_residues"][n]), n
+            assert n not in seen, f"{n} owned by two ranks"
+            seen.add(n)
+    assert seen == set(sim["owner_residues"]), "owner residues missing on the ranks"
+
+
+@pytest.mark.parametrize("world,kind,cfg", [
+    (2, "lstm", SHARDED),        # dense biases beside sharded recurrent matrices
+    (3, "cnn", SHARDED_ALL),     # every tensor sharded; three owners
+    (4, "cnn", SHARDED_ALL),     # more shards than some tensors have bins (empty shards)
+], ids=["w2-lstm", "w3-cnn", "w4-cnn"])
+def test_sharded_equals_simulation(tmp_path, world, kind, cfg):
+    res = run(tmp_path, sc.train, world, kind, cfg, 4)
+    assert_ranks_identical(res)
+    sim = sc.simulate(kind, world, cfg, 4)
+    assert res[0]["digests"] == sim["digests"]
+    for r in range(world):  # first-level residues, per rank
+        for n, v in sim["all_residues"][r].items():
+            assert torch.equal(res[r]["residues"][n], v), (r, n)
+    assert_owner_residues_equal(res, sim)
+    st = res[0]["stats"]
+    assert st["exchanges"]["sharded"] > 0 and st["exchanges"]["allgather"] == 0
+    assert st["received_bytes"]["total"] > 0
+
+
+def test_sharded_checkpoint_resume_is_exact(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = run(tmp_path / "a", functools.partial(sc.train, save_at=2), 3, "cnn", SHARDED_ALL, 4)
+    ckpts = [r["saved"] for r in full]
+    assert all(c["hook"]["owner"]["residues"] for c in ckpts), "owner residues must be checkpointed"
+    resumed = run(tmp_path / "b", functools.partial(sc.train, resume=ckpts), 3, "cnn", SHARDED_ALL, 4)
+    assert resumed[0]["digests"] == full[0]["digests"][2:]
+    assert_params_equal(resumed[0]["params"], full[0]["params"])
+
+
+def test_sharded_nonfinite_gradient(tmp_path):
+    hist = run(tmp_path, sc.train_scaler, 3, "cnn", SHARDED, 4, 2, 1)
+    for rank, h in enumerate(hist):
+        bad = h[2]
+        assert not bad["grads_finite"], f"rank {rank}: averaged gradient should be non-finite"
+        assert_params_equal(bad["before"], bad["after"])
+        for n in bad["res_before"]:
+            assert torch.equal(bad["res_before"][n], bad["res_after"][n]), n
+        assert h[3]["grads_finite"]
+
+
+def test_auto_reports_its_choice(tmp_path):
+    """exchange="auto" (the default): ranks agree, and stats say what was chosen and why."""
+    res = run(tmp_path, sc.train, 3, "cnn", dict(CNN, exchange="auto"), 3)
+    assert_ranks_identical(res)
+    st = res[0]["stats"]
+    assert sum(st["exchanges"].values()) > 0
+    chosen = [c for c in st["last_choice"].values() if c["mode"]]
+    assert chosen and all("least estimated time" in c["reason"] for c in chosen)
+    assert all(set(c["estimates"]) == {"allgather", "sharded", "dense"} for c in chosen)
