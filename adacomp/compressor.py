@@ -132,13 +132,16 @@ class AdaComp:
         ``bin_size`` overrides the configured bin size for this call (the sharded exchange's
         owners re-compress shards with the bin size of the first level).
         """
-        payloads, pending = self.prepare_split(name, grad, 1, bin_size=bin_size)
+        payloads, pending = self._prepare(name, grad, None, bin_size)
         return payloads[0], pending
 
     def prepare_split(self, name: str, grad: torch.Tensor, shards: int, *, bin_size: int | None = None):
         """:meth:`prepare`, with the payload split into ``shards`` bin-aligned pieces
-        (:func:`adacomp.payload.shard_bounds`): a list of payloads, one per shard. A tensor
-        sent dense by rule gives one dense payload whatever ``shards`` is."""
+        (:func:`adacomp.payload.shard_bounds`): a list of payloads of 1-D shards, one per
+        shard. A tensor sent dense by rule gives one dense payload whatever ``shards`` is."""
+        return self._prepare(name, grad, shards, bin_size)
+
+    def _prepare(self, name, grad, shards, bin_size):
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
         if not grad.is_floating_point():
@@ -171,7 +174,7 @@ class AdaComp:
             flat, residue, out, L, SCALE_MODES[self.scale], VALUE_MODES[self.values])
         n_sent, nonfinite = (int(x) for x in info.tolist())
         kind = _PAYLOAD_KIND[self.values]
-        if shards == 1:
+        if shards is None:
             if nonfinite:
                 self._spare[(n, flat.device)] = out
                 return [payload.encode_nonfinite(shape, L, kind, flat.device)], None

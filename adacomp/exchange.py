@@ -5,8 +5,9 @@ and differs only in which collectives carry the bytes (a :class:`Transport`):
 
 1. :class:`GroupExchange` compresses each gradient locally (two-phase: residues are not
    updated yet) and builds a small int64 ``meta`` vector: a configuration hash, and per
-   tensor its payload sizes (one per shard in the sharded and auto modes) and non-finite
-   flag.
+   tensor its payload sizes (one per shard in the sharded and auto modes; always ``W``
+   slots, so that ranks configured with different modes still send equal-length vectors
+   and get a clear error instead of a failed collective) and non-finite flag.
 2. The integration all-gathers ``meta``; :meth:`GroupExchange.decide` checks that every
    rank runs the same configuration (a clear error on every rank otherwise) and decides,
    identically on every rank, per tensor: *non-finite* (any rank saw NaN/Inf: every rank
@@ -261,7 +262,8 @@ class GroupExchange:
         self.rank = rank
         self.exchange = exchange
         self.cost_model = cost_model or CostModel()
-        self.pieces = 1 if exchange == "allgather" else world
+        self.split = exchange != "allgather"  # payloads split into one piece per shard
+        self.pieces = world if self.split else 1
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
         self.payloads: list[list[Payload] | None] = []
         self.pending = []
@@ -270,13 +272,17 @@ class GroupExchange:
             if b is None:
                 self.payloads.append(None)
                 self.pending.append(None)
-                sizes += [-1] * self.pieces
+                sizes += [-1] * world
                 flags.append(0)  # NaN/Inf in a dense tensor propagates through the allreduce
                 continue
-            ps, pend = comp.prepare_split(n, g, self.pieces)
+            if self.split:
+                ps, pend = comp.prepare_split(n, g, self.pieces)
+            else:
+                p, pend = comp.prepare(n, g)
+                ps = [p]
             self.payloads.append(ps)
             self.pending.append(pend)
-            sizes += [p.nbytes for p in ps]
+            sizes += [p.nbytes for p in ps] + [0] * (world - len(ps))
             flags.append(int(ps[0].nonfinite))
         self.hash = config_hash(comp, self.names, self.grads, self.bins, exchange)
         device = grads[0].device if grads else torch.device("cpu")
@@ -297,8 +303,8 @@ class GroupExchange:
         """Check configurations and decide each tensor's fate, and the exchange, from every
         rank's meta."""
         m = all_meta.reshape(self.world, -1).cpu()
-        T, S = len(self.grads), self.pieces
-        if (m.shape[1] != META_FIXED + (S + 1) * T or bool((m[:, 0] != META_MAGIC).any())
+        T, S, W = len(self.grads), self.pieces, self.world
+        if (m.shape[1] != META_FIXED + (W + 1) * T or bool((m[:, 0] != META_MAGIC).any())
                 or bool((m[:, 3] != S).any())):
             self._discard_all()
             raise ConfigMismatchError(
@@ -312,8 +318,8 @@ class GroupExchange:
                 f"bin sizes, value mode, scale, min_numel, exchange, parameter names, shapes and "
                 f"dtypes must match on every rank. This rank has {self.comp.config()}, "
                 f"exchange={self.exchange!r} for {list(zip(self.names, self.bins))[:8]}...")
-        sizes = m[:, META_FIXED:META_FIXED + S * T].reshape(self.world, T, S)
-        flags = m[:, META_FIXED + S * T:META_FIXED + (S + 1) * T]
+        sizes = m[:, META_FIXED:META_FIXED + W * T].reshape(W, T, W)[:, :, :S]
+        flags = m[:, META_FIXED + W * T:META_FIXED + (W + 1) * T]
         self.sizes = sizes
         decisions = []
         for t in range(T):
@@ -467,10 +473,10 @@ class GroupExchange:
                         nonfinite |= p.nonfinite
                         decompress_sum([p], out[start:end], name=self.names[t])
                 else:
-                    pieces = self.bounds[t] if self.pieces > 1 else [(0, out.numel())]
+                    pieces = self.bounds[t] if self.split else [(0, out.numel())]
                     for s, (start, end) in enumerate(pieces):
                         plist = [take(r, int(self.sizes[r, t, s])) for r in range(W)]
-                        if self.pieces == 1:
+                        if not self.split:
                             decompress_sum(plist, out.view(self.grads[t].shape), name=self.names[t])
                         else:
                             decompress_sum(plist, out[start:end], name=self.names[t])
