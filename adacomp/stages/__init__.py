@@ -10,10 +10,13 @@ In the style of torchao's ``quantize_``::
     model = load(build_model(), "small.pt")          # rebuilds the compressed layers, loads weights
 
 Stages register with :func:`register_stage`; :func:`compress_` picks one by its config's type.
-Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023).
+Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023),
+``embedding`` (:class:`EmbeddingConfig`, task-aware compression of word-embedding tables,
+Sathyendra et al. 2020, ``docs/embedding.md``).
 See ``docs/stages.md``.
 """
 
+from .embedding import EmbeddingConfig, EmbeddingStage, Int8Embedding, LowRankEmbedding, PQEmbedding
 from .frame import (
     EXTRA_STATE_KEY,
     LayerRecord,
@@ -41,6 +44,11 @@ from .lowrank import (
 )
 
 __all__ = [
+    "EmbeddingConfig",
+    "EmbeddingStage",
+    "Int8Embedding",
+    "LowRankEmbedding",
+    "PQEmbedding",
     "EXTRA_STATE_KEY",
     "LayerRecord",
     "LowRankConfig",
