@@ -473,8 +473,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     bar.close()
     metrics = evaluate(model, d, args, rank, world, backend)
     traffic = hook_state.traffic.as_dict()
-    label = f"{name}/{args.exchange}" if name == "adacomp" else name
-    return {"compressor": label, "steps": step, "wall_s": wall, "step_times": step_times, "metrics": metrics,
+    return {"compressor": name, "exchange": args.exchange if name == "adacomp" else None, "steps": step,
+            "wall_s": wall, "step_times": step_times, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 
 
@@ -495,7 +495,8 @@ def summary_table(results: list[dict], world: int) -> str:
                   else f"{m['val_loss']:.4f} ({m['bits_per_char']:.3f})")
         t = r["traffic"]["total"]
         recv = r["traffic"].get("received_bytes", {}).get("total", 0)
-        lines.append(f"{r['compressor']:<17} {metric:>15} {r['wall_s']:>7.1f} "
+        label = f"{r['compressor']}/{r['exchange']}" if r.get("exchange") else r["compressor"]
+        lines.append(f"{label:<17} {metric:>15} {r['wall_s']:>7.1f} "
                      f"{t['all']['wire_bytes'] / 1e6:>10.2f} {recv / 1e6:>8.2f} "
                      f"{_ratio(t['all']['ratio']):>7} "
                      f"{_ratio(t['conv']['ratio']):>7} {_ratio(t['fc']['ratio']):>7} "
