@@ -251,3 +251,19 @@ def test_owner_residues_round_trip_state_dict():
     fresh.load_state_dict(sd)
     for n in states[1].owner.names():
         assert torch.equal(fresh.owner.residue(n), states[1].owner.residue(n))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sharded_half_precision_gradients(dtype):
+    """fp16/bf16 gradients: the math is fp32, the outputs come back in the gradients' dtype,
+    identical on every rank and close to the plain average after error feedback settles."""
+    names = list(SHAPES)
+    states = make_states(3, "sharded", min_numel=0)
+    for step in range(3):
+        gs = [[g.to(dtype) for g in rank_grads] for rank_grads in grads(3, step)]
+        outs = exchange_all(states, gs, names)
+        for o in outs[0]:
+            assert o.dtype == dtype and bool(torch.isfinite(o).all())
+        for r in (1, 2):
+            assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[r]))
+    assert states[0].stats()["exchanges"]["sharded"] == 3
