@@ -13,6 +13,8 @@ Stages register with :func:`register_stage`; :func:`compress_` picks one by its 
 Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023),
 ``embedding`` (:class:`EmbeddingConfig`, task-aware compression of word-embedding tables,
 Sathyendra et al. 2020, ``docs/embedding.md``).
+Not a ``compress_`` stage: :func:`encode` with :class:`SGAConfig` / :class:`BitsBackConfig` refines
+an image codec's latents per image at encode time (Yang et al. 2020, ``docs/sga.md``).
 See ``docs/stages.md``.
 """
 
@@ -42,6 +44,7 @@ from .lowrank import (
     modified_stable_rank,
     regularize,
 )
+from .sga import BitsBackConfig, SGAConfig, TemperatureSchedule, encode, refine_latents, sga_round
 
 __all__ = [
     "EmbeddingConfig",
@@ -70,4 +73,10 @@ __all__ = [
     "regularize",
     "save",
     "stages",
+    "BitsBackConfig",
+    "SGAConfig",
+    "TemperatureSchedule",
+    "encode",
+    "refine_latents",
+    "sga_round",
 ]
