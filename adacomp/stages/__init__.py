@@ -12,12 +12,15 @@ In the style of torchao's ``quantize_``::
 Stages register with :func:`register_stage`; :func:`compress_` picks one by its config's type.
 Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023),
 ``embedding`` (:class:`EmbeddingConfig`, task-aware compression of word-embedding tables,
-Sathyendra et al. 2020, ``docs/embedding.md``).
+Sathyendra et al. 2020, ``docs/embedding.md``),
+``dirnet`` (:class:`DictionaryConfig`, dictionary-learning compression of RNNs, Zhang et al. 2018,
+``docs/dirnet.md``).
 Not a ``compress_`` stage: :func:`encode` with :class:`SGAConfig` / :class:`BitsBackConfig` refines
 an image codec's latents per image at encode time (Yang et al. 2020, ``docs/sga.md``).
 See ``docs/stages.md``.
 """
 
+from .dictionary import DictionaryConfig, DictionaryStage, DictLinear, DictRNN, SparseCodes, set_inference
 from .embedding import EmbeddingConfig, EmbeddingStage, Int8Embedding, LowRankEmbedding, PQEmbedding
 from .frame import (
     EXTRA_STATE_KEY,
@@ -47,6 +50,12 @@ from .lowrank import (
 from .sga import BitsBackConfig, SGAConfig, TemperatureSchedule, encode, refine_latents, sga_round
 
 __all__ = [
+    "DictLinear",
+    "DictRNN",
+    "DictionaryConfig",
+    "DictionaryStage",
+    "SparseCodes",
+    "set_inference",
     "EmbeddingConfig",
     "EmbeddingStage",
     "Int8Embedding",
