@@ -9,15 +9,22 @@ hubble_deep_field, retina, camera, stereo_motorcycle); the test photographs of
 ``<out-dir>/codec_lambda<lambda>.pt`` (``{"config", "state_dict", "lmbda", "log"}``, loadable
 with ``adacomp.codec.load_checkpoint``), and a summary in ``<out-dir>/codec_train.json``.
 
-    python benchmarks/train_codec.py --lambdas 0.0025 0.006 0.015 --steps 600
-    python benchmarks/train_codec.py --lambdas 0.04 --init results/codec_lambda0.015.pt --steps 200 --lr 2e-4
+    # one base model (warm-started from an earlier checkpoint), then one fine-tune per lambda
+    python benchmarks/train_codec.py --lambdas 0.008 --init results/sga_first_run/codec_lambda0.015.pt \
+        --steps 100000 --minutes 15 --warmup 100 --lr 1e-3 --threads 2 --out-dir /tmp/base
+    cp /tmp/base/codec_lambda0.008.pt results/codec_base_lambda0.008.pt
+    for l in 0.001 0.0028 0.008 0.022 0.06; do     # in parallel, one thread each
+      python benchmarks/train_codec.py --lambdas $l --init results/codec_base_lambda0.008.pt \
+          --steps 100000 --minutes 11 --warmup 50 --lr 5e-4 --threads 1 &
+    done; wait
 
-The codecs of ``docs/sga.md`` were trained this way, one process per lambda (in parallel, one
-thread each): 600 steps of batch 8 took about 25 minutes of wall time per model on a 2-core
-machine shared with several other jobs (about 0.3 s of CPU per step). ``--resume`` continues
-a checkpoint, ``--init`` starts from another lambda's weights. That is a tiny budget for a
-learned codec (published models train for millions of steps): the codecs are weak, which the
-refinement benchmark states.
+``--minutes`` trains for a wall-clock budget instead of a step count (the lr drops to a tenth
+for the last 20 % of the time); ``--warmup`` ramps the lr up linearly (Adam's first steps at
+lr ``2e-3`` from a trained checkpoint blew the MSE up 40-fold); ``--resume`` continues a
+checkpoint, ``--init`` starts from another checkpoint's weights (its step count and log are
+carried on). The codecs of ``docs/sga.md`` were trained this way on a 2-core machine shared
+with other jobs. That is a tiny budget for a learned codec (published models train for
+millions of steps): the codecs are weak, which the refinement benchmark states.
 """
 
 from __future__ import annotations
@@ -60,6 +67,14 @@ def parse_args(argv=None):
     ap.add_argument(
         "--save-every", type=int, default=100, help="also save the checkpoint every this many steps"
     )
+    ap.add_argument("--warmup", type=int, default=0, help="linear lr warm-up over this many steps")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget per lambda: train until it is spent (--steps is then an upper bound); "
+        "the lr drops to a tenth for the last 20 %% of the time instead of the last 20 %% of the steps",
+    )
     return ap.parse_args(argv)
 
 
@@ -94,8 +109,15 @@ def train_one(lmbda: float, images, args) -> dict:
     opt = torch.optim.Adam(codec.parameters(), lr=args.lr)
     start = time.time() - (log[-1]["seconds"] if log else 0.0)
     window = []
+    t_begin, budget = time.time(), None if args.minutes is None else 60.0 * args.minutes
+    decayed, step = False, 0
     for step in range(1, args.steps + 1):
-        if step == int(0.8 * args.steps) + 1:
+        late = step > int(0.8 * args.steps) if budget is None else time.time() - t_begin > 0.8 * budget
+        if step <= args.warmup:
+            for group in opt.param_groups:
+                group["lr"] = args.lr * step / args.warmup
+        if late and not decayed:
+            decayed = True
             for group in opt.param_groups:
                 group["lr"] = args.lr / 10
         x = random_crops(images, args.crop, args.batch_size, generator)
@@ -105,7 +127,8 @@ def train_one(lmbda: float, images, args) -> dict:
         torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
         opt.step()
         window.append((loss.item(), bpp.item(), mse.item()))
-        if step % args.log_every == 0 or step == args.steps:
+        last = step == args.steps or (budget is not None and time.time() - t_begin > budget)
+        if step % args.log_every == 0 or last:
             step_total = done + step
             n = len(window)
             avg = [sum(v[i] for v in window) / n for i in range(3)]
@@ -124,12 +147,14 @@ def train_one(lmbda: float, images, args) -> dict:
                 f"{entry['seconds']:.0f}s",
                 flush=True,
             )
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or last:
             path = save(codec, lmbda, log, args)
+        if last:
+            break
     return {
         "lmbda": lmbda,
         "path": os.path.relpath(path, ROOT),
-        "steps": done + args.steps,
+        "steps": done + step,
         "final": log[-1],
         "seconds": time.time() - start,
     }
@@ -140,6 +165,7 @@ def main(argv=None) -> int:
     if args.crop % 64:
         raise SystemExit(f"--crop must be a multiple of 64, got {args.crop}")
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # subnormal floats made some steps 10x slower
     os.makedirs(args.out_dir, exist_ok=True)
     images = [load_photo(name) for name in TRAIN_PHOTOS]
     runs = [train_one(lmbda, images, args) for lmbda in args.lambdas]
