@@ -502,6 +502,7 @@ class GroupExchange:
         ``2 (W-1)/W`` of its bytes)."""
         W, me = self.world, self.rank
         sharded = self.mode == "sharded"
+        owner_payload = dict(zip(self.compressed, self.owner_payloads)) if sharded else {}
         own = 0
         for t, d in enumerate(self.decisions):
             g = self.grads[t]
@@ -509,7 +510,7 @@ class GroupExchange:
             if d == COMPRESSED:
                 if sharded:  # the all-to-all (to the other owners) and this rank's owner payload
                     size = int(self.sizes[me, t, :].sum() - self.sizes[me, t, me])
-                    size += self.owner_payloads[self.compressed.index(t)].nbytes
+                    size += owner_payload[t].nbytes
                 else:
                     size = int(self.sizes[me, t, :].sum())
                 own += size
@@ -527,7 +528,8 @@ class GroupExchange:
             longest = max(sizes)
             others = [r for r in range(W) if r != me]
             if sharded:
-                received += sum(self.alltoall_recv_sizes()[r] for r in others)
+                from_others = self.alltoall_recv_sizes()
+                received += sum(from_others) - from_others[me]
                 overhead += 8 * len(self.compressed)
                 received += (W - 1) * 8 * len(self.compressed)
                 mine = sizes[me]
