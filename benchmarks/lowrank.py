@@ -36,9 +36,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adacomp import data as datasets
-from adacomp.models import SmallCNN, accuracy
 from adacomp.stages import LowRankConfig, compress_
+from adacomp.workloads import data as datasets
+from adacomp.workloads.models import SmallCNN, accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT_SEED = 0  # the same held-out calibration split as examples/stages_cnn.py

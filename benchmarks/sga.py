@@ -41,7 +41,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from adacomp.codec import (  # noqa: E402
+from adacomp.stages import BitsBackConfig, SGAConfig, encode, refine_latents  # noqa: E402
+from adacomp.workloads.codec import (  # noqa: E402
     TEST_PHOTOS,
     PosteriorFit,
     bd_psnr,
@@ -56,7 +57,6 @@ from adacomp.codec import (  # noqa: E402
     reconstruct,
     write_stream,
 )
-from adacomp.stages import BitsBackConfig, SGAConfig, encode, refine_latents  # noqa: E402
 
 METHODS = ("amortized", "sga", "bits-back")
 

@@ -1,13 +1,13 @@
-"""Train the small mean-scale hyperprior codec (adacomp.codec) at several rate-distortion trade-offs.
+"""Train the small mean-scale hyperprior codec (adacomp.workloads.codec) at several R-D trade-offs.
 
 Loss ``bpp + lambda * MSE`` (pixels on 0..255, as in Yang et al. 2020 and tensorflow-compression),
 additive uniform noise for rounding, Adam (``--lr``, divided by 10 for the last 20 % of the
 steps), gradients clipped at norm 1. Data: random ``--crop`` x ``--crop`` crops (random flips)
-of the bundled *training* photographs (``adacomp.codec.TRAIN_PHOTOS``: rocket,
+of the bundled *training* photographs (``adacomp.workloads.codec.TRAIN_PHOTOS``: rocket,
 hubble_deep_field, retina, camera, stereo_motorcycle); the test photographs of
 ``benchmarks/sga.py`` are never seen. One checkpoint per lambda,
 ``<out-dir>/codec_lambda<lambda>.pt`` (``{"config", "state_dict", "lmbda", "log"}``, loadable
-with ``adacomp.codec.load_checkpoint``), and a summary in ``<out-dir>/codec_train.json``.
+with ``adacomp.workloads.codec.load_checkpoint``), and a summary in ``<out-dir>/codec_train.json``.
 
     # one base model (warm-started from an earlier checkpoint), then one fine-tune per lambda
     python benchmarks/train_codec.py --lambdas 0.008 --init results/sga_first_run/codec_lambda0.015.pt \
@@ -40,7 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from adacomp.codec import TRAIN_PHOTOS, MeanScaleHyperprior, load_photo, random_crops, rd_loss  # noqa: E402
+from adacomp.workloads.codec import TRAIN_PHOTOS, MeanScaleHyperprior, load_photo, random_crops, rd_loss  # noqa: E402
 
 
 def parse_args(argv=None):

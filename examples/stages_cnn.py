@@ -25,8 +25,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from adacomp import data as datasets
-from adacomp.models import SmallCNN, accuracy
+from adacomp.workloads import data as datasets
+from adacomp.workloads.models import SmallCNN, accuracy
 
 CALIB = int(os.environ.get("ADACOMP_EXAMPLE_CALIB", "1000"))
 SPLIT_SEED = 0

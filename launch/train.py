@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job: data-parallel training comparing gradient compressors (see adacomp.training).
+"""The main job: data-parallel training comparing gradient compressors (see adacomp.workloads.training).
 
     torchrun --standalone --nproc_per_node 2 launch/train.py            # dense vs AdaComp, digits
     torchrun --standalone --nproc_per_node 4 launch/train.py --data fashion-mnist --epochs 2
@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from adacomp.training import run_and_exit  # noqa: E402
+from adacomp.workloads.training import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
     run_and_exit()

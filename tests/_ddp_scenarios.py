@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adacomp
 from adacomp import _reference
-from adacomp.models import CharLSTM, SmallCNN
 from adacomp.payload import shard_bounds
+from adacomp.workloads.models import CharLSTM, SmallCNN
 
 LR = 0.05
 BATCH = 16
@@ -56,7 +56,7 @@ def batch(kind: str, rank: int, world: int, step: int):
         seq = torch.randint(0, 24, (BATCH // 2, 13), generator=g)
         return seq[:, :-1], seq[:, 1:]
     if "x" not in _DIGITS:
-        from adacomp import data
+        from adacomp.workloads import data
 
         d = data.load("digits", split="train")
         _DIGITS["x"], _DIGITS["y"] = d.x, d.y

@@ -37,7 +37,7 @@ def _entry(rank, world, port, fn, args, out_dir):
         except Exception:
             pass
     # The outcome is on disk. Leave without interpreter finalization, where Gloo threads
-    # still holding finished work can abort the process (see adacomp.training.run_and_exit).
+    # still holding finished work can abort the process (see adacomp.workloads.training.run_and_exit).
     os._exit(0)
 
 

@@ -4,9 +4,9 @@
     mpiexec -n N python tests/_launch_worker.py OUT ddp-from-mpi KIND CFG STEPS
     horovodrun -np N --gloo python tests/_launch_worker.py OUT horovod KIND CFG STEPS [OPTS]
 
-``mpi``: the training of tests/_ddp_scenarios.train through adacomp.mpi.Communicator;
-``horovod``: through adacomp.horovod.DistributedOptimizer; ``ddp-from-mpi``: torch.distributed
-initialised from MPI (adacomp.mpi.init_torch_distributed) running the DDP hook. Each rank
+``mpi``: the training of tests/_ddp_scenarios.train through adacomp.parallel.mpi.Communicator;
+``horovod``: through adacomp.parallel.horovod.DistributedOptimizer; ``ddp-from-mpi``: torch.distributed
+initialised from MPI (adacomp.parallel.mpi.init_torch_distributed) running the DDP hook. Each rank
 saves its result to OUT/rank<r>.pt.
 """
 
@@ -25,7 +25,7 @@ class MpiPath:
     def __init__(self, cfg):
         from mpi4py import MPI
 
-        from adacomp.mpi import Communicator
+        from adacomp.parallel.mpi import Communicator
 
         self.rank, self.world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         self.comm = Communicator(start_iter=cfg.get("start_iter", 0),
@@ -68,9 +68,9 @@ class HorovodPath:
         self.rank, self.world = hvd.rank(), hvd.size()
 
     def wrap(self, model, opt):
-        import adacomp.horovod
+        import adacomp.parallel.horovod
 
-        opt = adacomp.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+        opt = adacomp.parallel.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                    start_iter=self.cfg.get("start_iter", 0),
                                                    exchange=self.cfg.get("exchange", "allgather"),
                                                    **sc.comp_settings(self.cfg))
@@ -153,7 +153,7 @@ def main():
     elif mode == "ddp-from-mpi":
         import torch.distributed as dist
 
-        from adacomp.mpi import init_torch_distributed
+        from adacomp.parallel.mpi import init_torch_distributed
 
         torch.set_num_threads(1)
         rank, world = init_torch_distributed("gloo")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adacomp.codec import (
+from adacomp.workloads.codec import (
     GDN,
     SCALE_TABLE,
     FactorizedPrior,
@@ -28,7 +28,7 @@ from adacomp.codec import (
     reconstruct,
     write_stream,
 )
-from adacomp.data import DataNotFound
+from adacomp.workloads.data import DataNotFound
 
 
 @pytest.fixture(scope="module")

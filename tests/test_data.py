@@ -1,4 +1,4 @@
-"""Tests for adacomp.data: loading, deterministic splits, sharding, batch iterators, errors."""
+"""Tests for adacomp.workloads.data: loading, deterministic splits, sharding, batch iterators, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from adacomp import data
+from adacomp.workloads import data
 
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAVE_MLXTEND = importlib.util.find_spec("mlxtend") is not None
@@ -186,7 +186,7 @@ def test_missing_file_sets_raise_with_install_hint(no_data_env):
     assert "apt-get install -y dataset-fashion-mnist" in str(info.value)
     assert str(no_data_env) in str(info.value)
 
-    with pytest.raises(data.DataNotFound, match="python -m adacomp.data fetch shakespeare"):
+    with pytest.raises(data.DataNotFound, match="python -m adacomp.workloads.data fetch shakespeare"):
         data.load("shakespeare", root=no_data_env)
     assert not data.available("shakespeare", root=no_data_env)
 

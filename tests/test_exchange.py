@@ -1,4 +1,4 @@
-"""The exchange protocol (adacomp.exchange) in one process: W ranks as threads over a
+"""The exchange protocol (adacomp.parallel.exchange) in one process: W ranks as threads over a
 loopback Transport, so the sharded and auto modes' bookkeeping is checked quickly and
 exactly; tests/test_ddp.py and tests/test_integrations.py run them over real collectives."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adacomp import AdaComp
-from adacomp.exchange import (
+from adacomp.parallel.exchange import (
     CostModel,
     GroupExchange,
     PlainExchangeState,
@@ -235,7 +235,7 @@ def test_bad_exchange_settings():
 
 
 def test_mode_mismatch_raises_on_every_rank():
-    from adacomp.exchange import ConfigMismatchError
+    from adacomp.parallel.exchange import ConfigMismatchError
 
     states = [PlainExchangeState(AdaComp(min_numel=0), "sharded"),
               PlainExchangeState(AdaComp(min_numel=0), "allgather")]

@@ -1,4 +1,4 @@
-"""Tests for adacomp.models: output shapes, parameter kinds and sizes, the registry."""
+"""Tests for adacomp.workloads.models: output shapes, parameter kinds and sizes, the registry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adacomp.models import MODELS, CharLSTM, SmallCNN, build_model
+from adacomp.workloads.models import MODELS, CharLSTM, SmallCNN, build_model
 
 
 def _kinds(model: nn.Module) -> dict[str, list[torch.Size]]:

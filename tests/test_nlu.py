@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from adacomp.data import DataNotFound
-from adacomp.nlu import (
+from adacomp.stages import EmbeddingConfig, compress_, module_bytes
+from adacomp.workloads.data import DataNotFound
+from adacomp.workloads.nlu import (
     Atis,
     JointBiLSTM,
     atis_batches,
@@ -21,7 +22,6 @@ from adacomp.nlu import (
     slot_f1,
     storage_bytes,
 )
-from adacomp.stages import EmbeddingConfig, compress_, module_bytes
 
 
 def _atis_or_skip():

@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from adacomp import data as datasets
 from adacomp import stages
 from adacomp.stages import LowRankLinear
 from adacomp.stages.cli import main
+from adacomp.workloads import data as datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +192,7 @@ def test_module_entry_point_lists_stages():
 )
 def test_example_module_with_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADACOMP_EXAMPLE_CALIB", "200")
-    from adacomp.models import SmallCNN
+    from adacomp.workloads.models import SmallCNN
 
     src, out = tmp_path / "cnn.pt", tmp_path / "cnn_small.pt"
     torch.save(SmallCNN().state_dict(), src)

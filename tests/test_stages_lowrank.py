@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from adacomp import stages
-from adacomp.models import SmallCNN
 from adacomp.stages import (
     LowRankConfig,
     LowRankConv2d,
@@ -19,6 +18,7 @@ from adacomp.stages import (
     regularize,
 )
 from adacomp.stages.lowrank import squared_singular_values, weight_matrix
+from adacomp.workloads.models import SmallCNN
 
 # --------------------------------------------------------------------------- factorization
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from adacomp.codec import MeanScaleHyperprior, PosteriorFit, fit_posterior, reconstruct
 from adacomp.stages import BitsBackConfig, SGAConfig, TemperatureSchedule, encode, sga_round
+from adacomp.workloads.codec import MeanScaleHyperprior, PosteriorFit, fit_posterior, reconstruct
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ on ``z``, so ``y_hat`` must not either), then ``z`` is *drawn* from a Gaussian p
 ``q(z | y_hat)`` fitted for the net rate by popping it off the ANS stack; the decoder fits the
 same posterior from ``y_hat`` and pushes ``z`` back, so ``-log2 q(z)`` bits are returned. Bits
 can only be borrowed from a stack that holds some: with several images in one stream every image
-but the one coded first (the last in the stream) gets them back. See :mod:`adacomp.codec.bitstream`.
+but the one coded first (the last in the stream) gets them back. See :mod:`adacomp.workloads.codec.bitstream`.
 
 This is not a :func:`~adacomp.stages.compress_` stage: ``compress_`` changes a model's modules in
 place, while the refinement leaves the codec untouched and acts per image at encode time, so it
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..codec import bitstream
-from ..codec.posterior import PosteriorFit
+from ..workloads.codec import bitstream
+from ..workloads.codec.posterior import PosteriorFit
 
 __all__ = ["BitsBackConfig", "SGAConfig", "TemperatureSchedule", "encode", "refine_latents", "sga_round"]
 
@@ -85,7 +85,7 @@ class SGAConfig:
     * ``steps``: Adam steps (2000); ``lr``: Adam learning rate (0.005).
     * ``schedule``: a :class:`TemperatureSchedule` or any ``callable(t, steps) -> tau``.
     * ``lmbda``: the rate-distortion trade-off; ``None`` takes the codec's ``lmbda`` attribute
-      (set by :func:`adacomp.codec.load_checkpoint` to the training value).
+      (set by :func:`adacomp.workloads.codec.load_checkpoint` to the training value).
     * ``seed``: seeds the Gumbel noise (a private generator; the global RNG is not touched).
     * ``keep_best``: evaluate the true (hard-rounded) loss at the start, every ``eval_every``
       steps (0: ``steps // 10``) and at the end, and code the best latents of each image, so
@@ -114,14 +114,14 @@ class SGAConfig:
 @dataclass(frozen=True)
 class BitsBackConfig(SGAConfig):
     """SGA with integer rounding of ``y``, then bits-back coding of ``z`` (``posterior`` settings:
-    :class:`adacomp.codec.PosteriorFit`, replayed by the decoder)."""
+    :class:`adacomp.workloads.codec.PosteriorFit`, replayed by the decoder)."""
 
     posterior: PosteriorFit = field(default_factory=PosteriorFit)
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.posterior, PosteriorFit):
-            raise TypeError("posterior must be an adacomp.codec.PosteriorFit")
+            raise TypeError("posterior must be an adacomp.workloads.codec.PosteriorFit")
 
 
 def sga_round(v: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
@@ -297,7 +297,8 @@ def encode(
     own stream when ``separate``), ``information_content`` (the model's ``-log2 p`` of the coded
     latents, no bits back), ``returned_bits`` (``-log2 q(z_hat)`` of a bits-back image),
     ``loss_start`` / ``loss_final`` (true R-D loss before and after refinement), ``best_step``,
-    ``latents`` (the coded :class:`~adacomp.codec.Latents`) and the refinement's ``soft_loss_trace``.
+    ``latents`` (the coded :class:`~adacomp.workloads.codec.Latents`) and the refinement's
+    ``soft_loss_trace``.
     """
     if refine is not None and not isinstance(refine, SGAConfig):
         raise TypeError(f"refine must be None, SGAConfig or BitsBackConfig, got {type(refine).__name__}")

@@ -8,11 +8,11 @@ The refinement of :mod:`adacomp.stages.sga` works with any module that has the s
   ``[0, 1]`` of shape ``(B, 3, H, W)`` with ``H``, ``W`` multiples of ``downsampling``;
 * ``h_a(y) -> z`` and ``hyper_params(z_hat) -> (means, scales)``: hyper-analysis and
   hyper-synthesis (the latter split into the means and the scales of ``p(y | z)``);
-* ``entropy_bottleneck``: a :class:`~adacomp.codec.entropy.FactorizedPrior` for ``z``;
-* ``gaussian_conditional``: a :class:`~adacomp.codec.entropy.GaussianConditional` for ``y``;
+* ``entropy_bottleneck``: a :class:`~adacomp.workloads.codec.entropy.FactorizedPrior` for ``z``;
+* ``gaussian_conditional``: a :class:`~adacomp.workloads.codec.entropy.GaussianConditional` for ``y``;
 * ``downsampling`` (an int: ``H / z``'s height) and ``update()`` (fills the coding tables).
 
-``compress()`` / ``decompress()`` (in :mod:`adacomp.codec.bitstream`) need nothing else.
+``compress()`` / ``decompress()`` (in :mod:`adacomp.workloads.codec.bitstream`) need nothing else.
 """
 
 from __future__ import annotations

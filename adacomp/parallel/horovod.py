@@ -7,15 +7,15 @@ on every rank, so no padding and no patched Horovod are needed (``exchange="shar
 ``hvd.alltoall``)::
 
     import horovod.torch as hvd
-    import adacomp.horovod
+    import adacomp.parallel.horovod
 
     hvd.init()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = adacomp.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    opt = adacomp.parallel.horovod.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 
-The protocol is :mod:`adacomp.exchange`'s, the same as the DDP hook and the mpi4py path:
+The protocol is :mod:`adacomp.parallel.exchange`'s, the same as the DDP hook and the mpi4py path:
 sizes first (one small allgather), then the payloads (one allgather) and the dense tensors
 (one allreduce, summed), decoded in rank order and divided by the world size.
 """
@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-from .compressor import DEFAULT_MIN_NUMEL, AdaComp
+from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
 from .exchange import CostModel, PlainExchangeState, Transport, run_exchange
 
 
@@ -34,13 +34,13 @@ def _hvd():
     try:
         import horovod.torch as hvd
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("adacomp.horovod needs Horovod built with PyTorch support: run "
+        raise ImportError("adacomp.parallel.horovod needs Horovod built with PyTorch support: run "
                           "launch/install_horovod.sh") from exc
     return hvd
 
 
 class HorovodTransport(Transport):
-    """:class:`adacomp.exchange.Transport` over Horovod's collectives (each named by the
+    """:class:`adacomp.parallel.exchange.Transport` over Horovod's collectives (each named by the
     exchange counter, as Horovod matches operations across ranks by name)."""
 
     def __init__(self, hvd, tag: str):
@@ -192,7 +192,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     Parameters whose ``.grad`` is ``None`` in a step are left out of that step's exchange
     (all ranks must agree on which; a mismatch raises on every rank).
     ``exchange`` / ``cost_model``: how payloads travel, as for the DDP hook
-    (:mod:`adacomp.exchange`; sharded mode uses ``hvd.alltoall``).
+    (:mod:`adacomp.parallel.exchange`; sharded mode uses ``hvd.alltoall``).
     ``state_dict()`` includes this rank's residues (and owner residues) under the key
     ``"adacomp"``.
     """

