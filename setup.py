@@ -60,7 +60,7 @@ setup(
     description="AdaComp adaptive residual gradient compression for distributed PyTorch",
     packages=find_packages(include=["adacomp", "adacomp.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "numba": ["numba>=0.59"],
         "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff", "matplotlib", "scikit-learn",

@@ -77,6 +77,10 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` (once); called by ``adacomp/__init__.py``."""
+    """Put the finder first on ``sys.meta_path`` (once); called by ``adacomp/__init__.py``.
+
+    First, not last: once ``adacomp.codec`` is the codec package, its ``__path__`` would let
+    the path finder load ``adacomp.codec.bitstream`` a second time, as a copy. The finder
+    answers only the names in :data:`MOVED` and declines everything else at once."""
     if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
-        sys.meta_path.append(_MovedFinder())
+        sys.meta_path.insert(0, _MovedFinder())

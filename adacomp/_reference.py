@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the AdaComp selection (ADACOMP.md section 1).
+"""Pure-PyTorch reference of the AdaComp selection (docs/algorithm.md section 1).
 
 This module *defines* correctness: the C++, CUDA and numba kernels must reproduce its
 outputs bit for bit for fp32 input. It runs on any device and favours clarity over speed.

@@ -2,7 +2,7 @@
 
 Chen et al., "AdaComp: Adaptive Residual Gradient Compression for Data-Parallel
 Distributed Training", AAAI 2018 (arXiv 1712.02679); the exact computation is
-ADACOMP.md section 1 and :mod:`adacomp._reference`.
+docs/algorithm.md section 1 and :mod:`adacomp._reference`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _check_bin_size(value, where: str) -> None:
 
 
 def default_bin_size(tensor: torch.Tensor, min_numel: int = DEFAULT_MIN_NUMEL) -> int | None:
-    """ADACOMP.md section 1: 50 for 3+-D tensors, 500 for 2-D, None (dense) otherwise."""
+    """docs/algorithm.md section 1: 50 for 3+-D tensors, 500 for 2-D, None (dense) otherwise."""
     if tensor.numel() < min_numel or tensor.dim() < 2:
         return None
     return CONV_BIN_SIZE if tensor.dim() >= 3 else FC_BIN_SIZE
@@ -113,7 +113,7 @@ class AdaComp:
 
     # ------------------------------------------------------------------ compression
     def compress(self, name: str, grad: torch.Tensor) -> payload.Payload:
-        """Run ADACOMP.md section 1 on ``grad``, update ``name``'s residue, return the payload.
+        """Run docs/algorithm.md section 1 on ``grad``, update ``name``'s residue, return the payload.
 
         fp16/bf16 and non-contiguous gradients are accepted (the math is fp32). If the
         gradient holds NaN/Inf the payload carries the non-finite flag (it decodes to NaN)

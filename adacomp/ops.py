@@ -2,7 +2,7 @@
 
 Two ops are declared once in ``csrc/adacomp.cpp`` with ``TORCH_LIBRARY``:
 
-* ``adacomp::select``: the fused selection (ADACOMP.md section 1, steps 1 to 6),
+* ``adacomp::select``: the fused selection (docs/algorithm.md section 1, steps 1 to 6),
 * ``adacomp::decompress_sum_``: validate and add many payload bodies into a dense tensor.
 
 Backends, fastest first: ``"cuda"`` (CUDA tensors, extension built with CUDA), ``"cpp"``

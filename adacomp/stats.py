@@ -1,6 +1,6 @@
 """Traffic statistics shared by the integrations (DDP hook, Horovod, mpi4py).
 
-Compression ratios are always measured on bytes (ADACOMP.md section 2): dense fp32 bytes
+Compression ratios are always measured on bytes (docs/algorithm.md section 3): dense fp32 bytes
 of the gradients divided by the bytes this rank actually handed to collectives, headers,
 padding and metadata included.
 """

@@ -54,7 +54,7 @@ TRAIN = os.path.join(ROOT, "launch", "train.py")
 NAME_PREFIX = "nb"  # every name this tool creates starts with nb<pid>
 OWN_NAME = re.compile(r"^(nb\d+)-(sw|\d+)$")  # namespaces: nb<pid>-<rank>, nb<pid>-sw
 SUBNET_BASE = "10.213.0.0/16"  # the /24s are taken from here
-PROGRESS = re.compile(r"^\s*(\S+) \[#* *\] (\d+)/(\d+) loss")  # adacomp.workloads.training.Progress
+PROGRESS = re.compile(r"^\s*(\S+) \[#* *\] (\d+)/(\d+), loss")  # adacomp.workloads.training.BAR_FORMAT
 
 COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
 EXCHANGES = ("allgather", "sharded", "auto")
@@ -475,7 +475,7 @@ class _Follower(threading.Thread):
                     break
                 pending += chunk
                 *lines, pending = re.split(rb"[\r\n]", pending)
-                if pending.endswith(b" it/s"):  # a redrawn bar ends with no newline: complete now
+                if pending.endswith(b"it/s"):  # a redrawn bar ends with no newline: complete now
                     lines.append(pending)
                     pending = b""
                 for raw in lines:

@@ -14,7 +14,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(adacomp, m) {
-  // One fused streaming pass of ADACOMP.md section 1 steps 1-6 over one flat tensor.
+  // One fused streaming pass of docs/algorithm.md section 1 steps 1-6 over one flat tensor.
   // residue_out receives R' = G - Q (it may alias residue). Returns
   // (counts int32[n_bins], offsets int32[cap], values fp32[cap], scale fp32[1],
   //  info int64[2] = [n_sent, nonfinite]); cap == n_sent on CPU, numel on CUDA

@@ -1,7 +1,7 @@
 """Worker code for the DDP hook tests, and the single-process simulation they compare to.
 
 Both sides build the same model from the same seed and feed rank ``w`` the same batches,
-so the hook's parameters must equal the simulation's (ADACOMP.md section 3).
+so the hook's parameters must equal the simulation's (docs/algorithm.md section 5).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def init_only(rank, world):
 
 def simulate(kind, world, cfg, steps):
     """One process, ``world`` simulated workers, each with its own AdaComp compressor:
-    the algorithm of ADACOMP.md section 1 with the hook's dense/fallback rules."""
+    the algorithm of docs/algorithm.md section 1 with the hook's dense/fallback rules."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: kernels' float sums depend on thread count
     try:

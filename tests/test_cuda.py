@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda/) against the pure-PyTorch reference and the CPU path.
 
-ADACOMP.md section 4: the reference defines correctness, and for fp32 input the selection
+docs/algorithm.md section 6: the reference defines correctness, and for fp32 input the selection
 and the residue must match it bit for bit. Every float comparison below is therefore on
 the int32 view of the bits. These tests need a GPU and an extension built with CUDA
 (``FORCE_CUDA=1 pip install --no-build-isolation -e .``); elsewhere they are skipped.

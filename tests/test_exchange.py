@@ -119,7 +119,7 @@ def test_shard_bounds_are_bin_aligned_and_cover():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_is_lossless_with_owner_residues(world):
-    """ADACOMP.md's lossless invariant, extended: summed over steps, the mean gradient equals
+    """The lossless invariant of docs/algorithm.md, extended: summed over steps, the mean gradient equals
     what was applied plus the mean first-level residue plus the owner residues."""
     states = make_states(world, "sharded", min_numel=0)
     names = list(SHAPES)

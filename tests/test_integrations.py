@@ -1,5 +1,5 @@
 """Horovod and mpi4py paths, started by their real launchers (horovodrun --gloo, mpiexec),
-against each other, the DDP hook and the single-process simulation (ADACOMP.md section 3)."""
+against each other, the DDP hook and the single-process simulation (docs/algorithm.md section 5)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The reference selection against a small example worked out on paper (ADACOMP.md §1)."""
+"""The reference selection against a small example worked out on paper (docs/algorithm.md section 1)."""
 
 import math
 import random

@@ -65,3 +65,85 @@ def test_same_job_under_torchrun_horovodrun_and_mpiexec(tmp_path):
         a, b = runs[name]["adacomp"]["traffic"]["total"], base["adacomp"]["traffic"]["total"]
         for kind in ("conv", "fc"):  # the same payloads; padding and transport overhead differ
             assert a[kind]["wire_bytes"] == b[kind]["wire_bytes"], (name, kind)
+        # the dense baseline receives a ring allreduce's 2 (W-1)/W of its bytes on every backend
+        recv = {n: runs[n]["none"]["traffic"]["received_bytes"]["total"] for n in ("ddp", name)}
+        assert recv["ddp"] > 0 and recv[name] == pytest.approx(recv["ddp"], rel=1e-3), (name, recv)
+
+
+def _netbench_progress_pattern():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("netbench", os.path.join(ROOT, "benchmarks", "netbench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.PROGRESS
+
+
+def _run_in_pty(cmd):
+    """Run ``cmd`` with stderr on a pseudo-terminal; return (returncode, stdout, terminal output)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(slave)
+    term = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        term += chunk
+    out, _ = proc.communicate(timeout=300)
+    os.close(master)
+    return proc.returncode, out.decode(), term.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only():
+    """Rank 0 draws a tqdm bar when stderr is a terminal, at every loss record, in the format
+    benchmarks/netbench.py reads; with stderr in a pipe or file there is no bar."""
+    import re
+
+    pytest.importorskip("sklearn", reason="digits need scikit-learn: pip install scikit-learn")
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--compressor", "none",
+           "--max-steps", "20", "--log-every", "10", "--plot", ""]
+    rc, out, term = _run_in_pty(cmd)
+    assert rc == 0, term[-2000:]
+    pattern = _netbench_progress_pattern()
+    steps = [pattern.match(line).group(2, 3) for line in re.split(r"[\r\n]", term) if pattern.match(line)]
+    assert ("10", "20") in steps and ("20", "20") in steps, term[-2000:]
+    assert "test acc" in out  # the summary still goes to stdout
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "it/s" not in piped.stderr and "[###" not in piped.stderr
+
+
+def test_each_launcher_has_its_own_default_plot():
+    """torchrun, horovodrun and mpiexec runs of the same job do not overwrite one plot."""
+    from adacomp.workloads.training import parse_args
+
+    paths = {b: parse_args(["--backend", b]).plot for b in ("ddp", "horovod", "mpi")}
+    assert len(set(paths.values())) == 3, paths
+    assert parse_args(["--data", "mnist"]).plot != paths["ddp"]
+    assert parse_args(["--plot", ""]).plot == ""
+    assert parse_args(["--plot", "x.png", "--backend", "mpi"]).plot == "x.png"
+
+
+@pytest.mark.parametrize("script,tool", [("horovodrun.sh", "horovodrun"), ("mpirun.sh", "mpiexec")])
+def test_launcher_names_the_missing_tool_and_how_to_install_it(script, tool, tmp_path):
+    """Without horovodrun / mpiexec on PATH the launcher says what is missing and how to
+    install it (make distributed), instead of a bare 'command not found'."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "dirname", "id"):  # what the script may need, but not the launcher
+        found = shutil.which(name)
+        if found:
+            (bin_dir / name).symlink_to(found)
+    proc = subprocess.run(["/bin/bash", os.path.join(ROOT, "launch", script), "2"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
+    assert proc.returncode == 127, proc.stderr
+    assert tool in proc.stderr and "make distributed" in proc.stderr, proc.stderr

@@ -11,7 +11,7 @@ residues); each integration drives it over its own collectives:
   (needs Horovod; imported only when used);
 * :mod:`~adacomp.parallel.mpi`: ``Communicator`` for programs that use mpi4py (needs mpi4py).
 
-The contracts every integration keeps are in docs/algorithm.md, section 3.
+The contracts every integration keeps are in docs/algorithm.md, section 5.
 """
 
 from .ddp import AdaCompState, adacomp_hook

@@ -12,7 +12,7 @@ parameters of the flat bucket), exchanges the payloads with an allgather (sizes 
 then one padded allgather of the bytes), decodes and sums them with ``decompress_sum``
 and divides by the world size. Tensors sent dense (1-D, small, or a payload that would
 not be smaller than the dense bytes) travel together in one allreduce per bucket. See
-:mod:`adacomp.parallel.exchange` for the protocol and ADACOMP.md section 3 for the contracts.
+:mod:`adacomp.parallel.exchange` for the protocol and docs/algorithm.md section 5 for the contracts.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.

@@ -80,14 +80,17 @@ def parse_args(argv=None):
     p.add_argument("--bucket-cap-mb", type=float, default=25)
     p.add_argument("--log-every", type=int, default=10, help="steps between loss records")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--plot", metavar="PATH", default="results/train.png",
-                   help="write loss and bytes curves as PNG ('' for none)")
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="write loss and bytes curves as PNG ('' for none; default: "
+                        "results/train_<data>_<backend>.png, one file per launcher)")
     p.add_argument("--backend", default="ddp", choices=["ddp", "horovod", "mpi"],
                    help="integration: DDP hooks (torchrun), Horovod (horovodrun), mpi4py (mpiexec)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.model is None:
         args.model = "lstm" if args.data in TEXT_DATA else "cnn"
+    if args.plot is None:
+        args.plot = default_plot_path(args)
     unsupported = {"horovod": {"powersgd"}, "mpi": {"powersgd", "fp16"}}.get(args.backend, set())
     bad = sorted(set(args.compressor) & unsupported)
     if bad:
@@ -99,34 +102,31 @@ def parse_args(argv=None):
     return args
 
 
+def default_plot_path(args) -> str:
+    """``results/train_<data>_<backend>.png``: torchrun, horovodrun and mpiexec runs of the same
+    job do not overwrite each other's plot."""
+    return os.path.join("results", f"train_{args.data}_{args.backend}.png")
+
+
 # ------------------------------------------------------------------------------ progress
 
-class Progress:
-    """A one-line progress bar on stderr (rank 0 only)."""
+#: what the bar looks like; benchmarks/netbench.py parses it (its ``PROGRESS`` pattern)
+BAR_FORMAT = "{desc:>9} [{bar:30}] {n}/{total}{postfix}, {rate_fmt}"
 
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.t0 = time.time()
-        self.tty = sys.stderr.isatty()
-        self.shown = -1
 
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        frac = step / max(self.total, 1)
-        tenth = int(10 * frac)
-        if not self.tty and tenth == self.shown:
-            return  # in a log file, one line per tenth of the run
-        self.shown = tenth
-        bar = "#" * int(30 * frac)
-        rate = step / max(time.time() - self.t0, 1e-9)
-        line = f"{self.label:>9} [{bar:<30}] {step}/{self.total} loss {loss:.4f} {rate:.1f} it/s"
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
+def progress_bar(total: int, label: str, enabled: bool):
+    """A tqdm bar on stderr for rank 0, redrawn at every loss record (``--log-every``).
 
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+    Off where ``enabled`` is false (other ranks, ``--quiet``) and where stderr is not a
+    terminal (a log file gets the summary table, not a redrawn bar)."""
+    import shutil
+
+    from tqdm import tqdm
+
+    # a terminal that reports no size (a bare pty, as netbench's) would make tqdm print nothing
+    cols, rows = shutil.get_terminal_size((100, 24))
+    return tqdm(total=total, desc=label, bar_format=BAR_FORMAT, ascii=" #", mininterval=0, miniters=1,
+                disable=not (enabled and sys.stderr.isatty()), file=sys.stderr, ncols=cols, nrows=rows)
 
 
 # ------------------------------------------------------------------------------ hooks
@@ -202,17 +202,20 @@ def attach_compressor(ddp: DDP, model, name: str, args, world: int):
 # ------------------------------------------------------------------------------ backends
 
 class _Steps:
-    """Counts the bytes a dense baseline hands to collectives (Horovod: fp32 or fp16)."""
+    """Counts the bytes a dense baseline hands to collectives (Horovod: fp32 or fp16) and,
+    as for the DDP baselines, the bytes it receives: a ring allreduce's ``2 (W-1)/W``."""
 
-    def __init__(self, bytes_per_element: int):
+    def __init__(self, bytes_per_element: int, world: int):
         self.traffic = TrafficStats()
-        self.bpe = bytes_per_element
+        self.bpe, self.world = bytes_per_element, world
 
     def count(self, model) -> None:
         for p in model.parameters():
             if p.grad is not None:
                 kind = layer_kind(p.shape) if p.dim() >= 2 else "dense"
-                self.traffic.add(kind, p.numel() * 4, p.numel() * self.bpe)
+                wire = p.numel() * self.bpe
+                self.traffic.add(kind, p.numel() * 4, wire)
+                self.traffic.add_received(2 * (self.world - 1) * wire // self.world)
         self.traffic.end_step()
 
 
@@ -288,7 +291,7 @@ class HorovodBackend:
             compression = hvd.Compression.fp16 if name == "fp16" else hvd.Compression.none
             opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                            compression=compression)
-            counter = _Steps(2 if name == "fp16" else 4)
+            counter = _Steps(2 if name == "fp16" else 4, world)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(opt, root_rank=0)
 
@@ -435,7 +438,7 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     total = int(math.ceil(args.epochs * steps_per_epoch))
     if args.max_steps:
         total = min(total, args.max_steps)
-    bar = Progress(total, name, rank == 0 and not args.quiet)
+    bar = progress_bar(total, name, rank == 0 and not args.quiet)
     curve, wire_curve = [], []
     step = 0
     epoch = 0
@@ -467,7 +470,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
                 loss_acc.zero_()
                 curve.append((step, mean))
                 wire_curve.append((step, hook_state.traffic.as_dict()["total"]["all"]["wire_bytes"]))
-                bar.update(step, mean)
+                bar.set_postfix_str(f"loss {mean:.4f}", refresh=False)
+                bar.update(step - bar.n)
         epoch += 1
     wall = time.time() - t0
     bar.close()

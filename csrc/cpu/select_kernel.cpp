@@ -1,4 +1,4 @@
-// CPU kernel of adacomp::select: ADACOMP.md section 1 steps 1-6 in one streaming pass.
+// CPU kernel of adacomp::select: docs/algorithm.md section 1 steps 1-6 in one streaming pass.
 //
 // The tensor is cut into chunks of whole bins processed in parallel. Within a bin the
 // first sweep forms G = R + dW (written straight to residue_out) and the bin maximum, the

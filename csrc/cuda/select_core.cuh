@@ -1,4 +1,4 @@
-// The CUDA core of adacomp: selection (ADACOMP.md section 1, steps 1-6) and payload-body
+// The CUDA core of adacomp: selection (docs/algorithm.md section 1, steps 1-6) and payload-body
 // decoding, as plain CUDA C++ with no PyTorch header, so that nvcc can compile and check it
 // on its own (.ci/nvcc_check.sh). csrc/cuda/kernels_binding.cu is the thin PyTorch layer.
 //
