@@ -3,12 +3,16 @@
 It provides what the command needs: ``build_model()``, ``evaluate(model)`` (accuracy on held-out
 *training* images, the calibration set; never the test set), ``train_step(model, batch)`` and
 ``data()`` (mini-batches of the rest of the training split) for fine-tuning. Run directly, it
-trains a model to compress and measures test accuracy::
+trains a model and saves the ``IN`` file to compress (its state dict,
+``torch.save(model.state_dict(), path)``), and measures test accuracy. From the repository root::
 
     python examples/stages_cnn.py train results/cnn.pt --epochs 1
-    python -m adacomp.stages.cli compress --stage lowrank --set ratio=0.8 --set method=bsr \\
+    adacomp compress --stage lowrank --set ratio=0.8 --set method=bsr \\
         --module examples/stages_cnn.py results/cnn.pt results/cnn_small.pt
     python examples/stages_cnn.py test results/cnn_small.pt
+
+(``python -m adacomp.stages.cli compress ...`` does the same where the ``adacomp`` command is not
+installed.)
 
 The calibration images are the first ``ADACOMP_EXAMPLE_CALIB`` (default 1000) of a permutation of
 the training split seeded with 0, the same split ``benchmarks/lowrank.py`` holds out, so a model
@@ -75,10 +79,10 @@ def data():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train the SmallCNN and save its state dict")
-    tr.add_argument("out")
+    tr = sub.add_parser("train", help="train the SmallCNN and save its state dict (adacomp compress's IN)")
+    tr.add_argument("out", help="where to write the state dict, e.g. results/cnn.pt")
     tr.add_argument("--epochs", type=float, default=1.0)
     tr.add_argument("--lr", type=float, default=0.05)
     te = sub.add_parser("test", help="test accuracy of a saved (possibly compressed) model")
@@ -101,11 +105,17 @@ def main(argv=None) -> int:
                 print(f"step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         torch.save(model.state_dict(), args.out)
-        print(f"wrote {args.out}")
-    else:
-        from adacomp.stages import load
+        print(f"test accuracy {accuracy(model, test.x, test.y):.4f}")
+        small = os.path.join(os.path.dirname(args.out), "cnn_small.pt")
+        print(
+            f"wrote {args.out} (the model's state dict); compress it with\n"
+            f"  adacomp compress --stage lowrank --set ratio=0.8 --set method=bsr \\\n"
+            f"      --module {os.path.relpath(__file__)} {args.out} {small}"
+        )
+        return 0
+    from adacomp.stages import load
 
-        model = load(build_model(), args.path)
+    model = load(build_model(), args.path)
     print(f"test accuracy {accuracy(model, test.x, test.y):.4f}")
     return 0
 

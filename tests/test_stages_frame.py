@@ -1,5 +1,10 @@
-"""The stage frame: registry, compress_, Report, storage counting, save/load through extra state."""
+"""The stage frame: registry, compress_, Report, storage counting, save/load through extra state,
+and the helpers of stages (finetune, StageInputs, layer_sizes)."""
 
+import copy
+import io
+import re
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -20,6 +25,7 @@ from adacomp.stages import (
     module_params,
     register_stage,
 )
+from adacomp.stages.frame import StageInputs, finetune, layer_sizes
 
 # --------------------------------------------------------------------------- a toy stage
 
@@ -203,3 +209,171 @@ def test_load_plain_state_dict_and_missing_layer(tmp_path):
     compress_(model, HalfConfig())
     with pytest.raises(KeyError, match="lacks"):
         stages.load(nn.Sequential(nn.Linear(6, 8)), model.state_dict())
+
+
+# --------------------------------------------------------------------------- finetune, the stages' loop
+
+
+def _batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 6, generator=g), torch.randn(32, 3, generator=g)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+
+
+def _mse(model, batch):
+    return (model(batch[0]) - batch[1]).pow(2).mean()
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def test_finetune_is_the_plain_loop_bit_for_bit():
+    data = _batches()
+    torch.manual_seed(0)
+    tuned = mlp()
+    plain = copy.deepcopy(tuned)
+    out = finetune(tuned, 6, data=data, train_step=_mse, optimizer=_sgd)
+    opt = _sgd(list(plain.parameters()))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+    losses = []
+    for step in range(6):  # data is re-iterated: 4 batches, then the first two again
+        loss = _mse(plain, data[step % 4])
+        losses.append(float(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert out == {"steps": 6, "loss_first": losses[0], "loss_last": losses[-1]}
+    assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), plain.parameters()))
+    assert tuned.training
+
+
+def test_finetune_penalty_on_step_frozen_and_log():
+    torch.manual_seed(0)
+    model = mlp()
+    frozen = list(model[2].parameters())
+    kept = [p.detach().clone() for p in frozen]
+    given, steps, lines = [], [], []
+
+    def factory(params):
+        given.extend(params)
+        return torch.optim.Adam(params, lr=1e-2)
+
+    out = finetune(
+        model,
+        10,
+        data=_batches(),
+        train_step=_mse,
+        optimizer=factory,
+        scheduler="constant",
+        penalty=lambda m: m[0].weight.pow(2).sum(),
+        penalty_weight=0.5,
+        penalty_name="l2",
+        on_step=steps.append,
+        frozen=frozen,
+        log=lines.append,
+        label="demo",
+    )
+    assert steps == list(range(10))
+    assert [id(p) for p in given] == [id(p) for p in model[0].parameters()]  # trainable ones only
+    assert all(torch.equal(p, k) for p, k in zip(frozen, kept)) and all(p.requires_grad for p in frozen)
+    assert list(out) == ["steps", "loss_first", "loss_last", "l2_first", "l2_last"]
+    assert out["l2_last"] < out["l2_first"]
+    assert len(lines) == 5 and all(
+        re.fullmatch(rf"  demo step {k}/10: loss \d+\.\d{{4}}, l2 \d+\.\d{{4}}", line)
+        for k, line in zip((2, 4, 6, 8, 10), lines)
+    )
+    lines.clear()
+    finetune(model, 1, data=_batches(), train_step=_mse, optimizer=_sgd, log=lines.append, label="")
+    assert re.fullmatch(r"  step 1/1: loss \d+\.\d{4}", lines[0])
+
+
+def test_finetune_errors_give_frozen_parameters_back():
+    model = mlp()
+    frozen = list(model[2].parameters())
+    with pytest.raises(TypeError, match="scalar loss"):
+        finetune(model, 3, data=_batches(), train_step=lambda m, b: m(b[0]), optimizer=_sgd, frozen=frozen)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="data yielded no batch"):
+        finetune(model, 2, data=[], train_step=_mse, optimizer=_sgd, frozen=frozen)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="scheduler must be"):
+        finetune(model, 2, data=_batches(), train_step=_mse, optimizer=_sgd, scheduler="step")
+    with pytest.raises(ValueError, match="positive integer"):
+        finetune(model, 0, data=_batches(), train_step=_mse, optimizer=_sgd)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(
+    "progress, stream, drawn",
+    [(False, _Terminal, False), (True, io.StringIO, False), (True, _Terminal, True)],
+)
+def test_finetune_progress_bar_on_request_and_only_on_a_terminal(monkeypatch, progress, stream, drawn):
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    finetune(mlp(), 3, data=_batches(), train_step=_mse, optimizer=_sgd, label="demo", progress=progress)
+    assert ("demo" in err.getvalue()) == drawn
+
+
+# --------------------------------------------------------------------------- a stage built on the helpers
+
+
+@dataclass
+class TuneConfig:
+    """Fine-tune the selected Linear layers (a toy stage on compress_layers and the helpers)."""
+
+    steps: int = 0
+
+
+@register_stage("test-tune", TuneConfig)
+class TuneStage(Stage):
+    layer_kinds = "nn.Linear"
+
+    def supports(self, module):
+        return type(module) is nn.Linear
+
+    def compress_layers(self, model, config, layers, inputs, info, **kwargs):
+        assert isinstance(inputs, StageInputs)
+        if config.steps:
+            inputs.require_training("steps needs")
+        before = layer_sizes(layers)
+        if config.steps:
+            info["train"] = finetune(
+                model,
+                config.steps,
+                data=inputs.data,
+                train_step=inputs.train_step,
+                optimizer=inputs.make_optimizer or _sgd,
+                log=inputs.log,
+                progress=inputs.progress,
+            )
+        info["progress"] = inputs.progress
+        return [
+            size.record(model.get_submodule(name), {"tuned": True}, "tuned") for name, size in before.items()
+        ]
+
+
+def test_a_stage_on_compress_layers_and_the_helpers():
+    with pytest.raises(ValueError, match=r"steps needs data=<iterable of batches> and train_step=<fn\(model"):
+        compress_(mlp(), TuneConfig(steps=2))
+    with pytest.raises(UnsupportedLayerError, match="supported: nn.Linear"):
+        compress_(
+            nn.Sequential(nn.Embedding(5, 6), nn.Linear(6, 3)), TuneConfig(), filter_fn=lambda m, n: True
+        )
+    model = mlp()
+    report = compress_(model, TuneConfig(steps=2), data=_batches(), train_step=_mse, progress=True)
+    assert report.info["train"]["steps"] == 2 and report.info["progress"] is True
+    rec = report.layers[0]
+    assert (rec.name, rec.kind, rec.params_before, rec.params_after, rec.bytes_after) == (
+        "0",
+        "Linear",
+        56,
+        56,
+        224,
+    )
+    assert rec.choice == {"tuned": True} and rec.detail == "tuned"

@@ -10,6 +10,8 @@ In the style of torchao's ``quantize_``::
     model = load(build_model(), "small.pt")          # rebuilds the compressed layers, loads weights
 
 Stages register with :func:`register_stage`; :func:`compress_` picks one by its config's type.
+Every stage that trains runs :func:`finetune`, the one training loop (``progress=True`` in
+:func:`compress_` draws a progress bar on a terminal).
 Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023),
 ``embedding`` (:class:`EmbeddingConfig`, task-aware compression of word-embedding tables,
 Sathyendra et al. 2020, ``docs/embedding.md``),
@@ -25,12 +27,16 @@ from .embedding import EmbeddingConfig, EmbeddingStage, Int8Embedding, LowRankEm
 from .frame import (
     EXTRA_STATE_KEY,
     LayerRecord,
+    LayerSizes,
     Report,
     Stage,
+    StageInputs,
     UnsupportedLayerError,
     compress_,
     config_from_dict,
+    finetune,
     get_stage,
+    layer_sizes,
     load,
     module_bytes,
     module_params,
@@ -82,6 +88,11 @@ __all__ = [
     "regularize",
     "save",
     "stages",
+    # for writing a stage
+    "LayerSizes",
+    "StageInputs",
+    "finetune",
+    "layer_sizes",
     "BitsBackConfig",
     "SGAConfig",
     "TemperatureSchedule",

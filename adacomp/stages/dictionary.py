@@ -65,6 +65,7 @@ sparsity pattern stays fixed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -77,8 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, module_bytes, module_params, register_stage
-from .lowrank import _train
+from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, finetune, layer_sizes, module_bytes, register_stage
 
 __all__ = [
     "DICTIONARY_METHODS",
@@ -922,37 +922,18 @@ def _supported(module: nn.Module) -> bool:
 class DictionaryStage(Stage):
     """DirNet: sparse codes times a (shared) projection dictionary, adaptive atoms and sparsity."""
 
-    def supports(self, module: nn.Module) -> bool:
-        return _supported(module)
+    supports = staticmethod(_supported)
+    layer_kinds = "nn.LSTM (proj_size=0), nn.GRU, nn.RNN, nn.Linear (exact types)"
 
-    def supported_kinds(self) -> str:
-        return "nn.LSTM (proj_size=0), nn.GRU, nn.RNN, nn.Linear (exact types)"
-
-    def apply(
-        self,
-        model,
-        config,
-        *,
-        layers,
-        data=None,
-        evaluate=None,
-        train_step=None,
-        make_optimizer=None,
-        log=None,
-        info=None,
-        cache: dict | None = None,
-        **kwargs,
+    def compress_layers(
+        self, model, config, layers, inputs, info, cache: dict | None = None, **kwargs
     ) -> list[LayerRecord]:
         """Compress ``layers``; ``cache`` (a dict) keeps dictionaries and error curves between runs
         on the same weights (e.g. several ratios), keyed by a hash of each matrix."""
-        info = {} if info is None else info
-        if config.finetune_steps > 0 and (data is None or train_step is None):
-            raise ValueError(
-                "finetune_steps needs data=<iterable of batches> and "
-                "train_step=<fn(model, batch) -> loss tensor>"
-            )
+        if config.finetune_steps > 0:
+            inputs.require_training("finetune_steps needs")
         start = time.perf_counter()
-        before = {name: (module_params(m), module_bytes(m), type(m).__name__) for name, m in layers.items()}
+        before = layer_sizes(layers)
         fits: list[tuple[str, _GroupFit, list[_Member]]] = []
         fixed_bytes = 0  # biases stay dense
         for name, module in layers.items():
@@ -969,7 +950,7 @@ class DictionaryStage(Stage):
             )
         group_names = [f.name for _, f, _ in fits]
         info["groups"] = group_names
-        selected_bytes = sum(b for _, b, _ in before.values())
+        selected_bytes = sum(size.bytes for size in before.values())
         if config.method == "fixed":
             unknown = sorted(set(config.atoms) ^ set(group_names))
             if unknown:
@@ -996,8 +977,8 @@ class DictionaryStage(Stage):
             else:
                 options = []
                 for _, fit, _ in fits:
-                    if log is not None:
-                        log(f"  candidates of {fit.name} ({fit.m} x {fit.n})")
+                    if inputs.log is not None:
+                        inputs.log(f"  candidates of {fit.name} ({fit.m} x {fit.n})")
                     opts = fit.svd_options(room) if config.method == "svd" else fit.options(room)
                     options.append(_pareto(opts))
                 plan = _allocate(options, room) if all(options) else None
@@ -1064,14 +1045,25 @@ class DictionaryStage(Stage):
             new.train(old.training)
             model.set_submodule(name, new)
         if config.finetune_steps > 0:
-            opt_factory = make_optimizer
-            if opt_factory is None and config.optimizer == "adam":
-
-                def opt_factory(params):
-                    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-
-            info["finetune"] = _train(
-                model, config.finetune_steps, config, data, train_step, opt_factory, None, log, "finetune"
+            if inputs.make_optimizer is not None:
+                optimizer = inputs.make_optimizer
+            elif config.optimizer == "adam":
+                optimizer = functools.partial(
+                    torch.optim.Adam, lr=config.lr, weight_decay=config.weight_decay
+                )
+            else:
+                optimizer = functools.partial(
+                    torch.optim.SGD, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+                )
+            info["finetune"] = finetune(
+                model,
+                config.finetune_steps,
+                data=inputs.data,
+                train_step=inputs.train_step,
+                optimizer=optimizer,
+                scheduler=config.schedule,
+                log=inputs.log,
+                progress=inputs.progress,
             )
         timings = {}
         for name in layers:
@@ -1087,7 +1079,7 @@ class DictionaryStage(Stage):
         by_module: dict[str, list[dict]] = {n: [] for n in layers}
         for (name, _, _), g in zip(fits, group_info):
             by_module[name].append(g)
-        for name, (p0, b0, kind) in before.items():
+        for name, size in before.items():
             new = model.get_submodule(name)
             gs = by_module[name]
             detail = " ".join(
@@ -1095,36 +1087,19 @@ class DictionaryStage(Stage):
                 + ("d" if g["dense_codes"] else f"s{g['nonzeros']}")
                 for g in gs
             )
-            records.append(
-                LayerRecord(
-                    name=name,
-                    kind=kind,
-                    params_before=p0,
-                    params_after=module_params(new),
-                    bytes_before=b0,
-                    bytes_after=module_bytes(new),
-                    choice={
-                        "groups": [
-                            {k: g[k] for k in ("group", "atoms", "nonzeros", "dense_codes")} for g in gs
-                        ],
-                        "dictionary_bytes": sum(g["dictionary_bytes"] for g in gs),
-                        "value_bytes": sum(g["value_bytes"] for g in gs),
-                        "index_bytes": sum(g["index_bytes"] for g in gs),
-                        "bias_bytes": module_bytes(new) - sum(g["bytes"] for g in gs),
-                        "inference": new.inference,
-                    },
-                    detail=detail,
-                )
-            )
+            choice = {
+                "groups": [{k: g[k] for k in ("group", "atoms", "nonzeros", "dense_codes")} for g in gs],
+                "dictionary_bytes": sum(g["dictionary_bytes"] for g in gs),
+                "value_bytes": sum(g["value_bytes"] for g in gs),
+                "index_bytes": sum(g["index_bytes"] for g in gs),
+                "bias_bytes": module_bytes(new) - sum(g["bytes"] for g in gs),
+                "inference": new.inference,
+            }
+            records.append(size.record(new, choice, detail))
         return records
 
     def rebuild(self, module: nn.Module, extra_state: dict) -> nn.Module:
-        kind = extra_state.get("kind")
-        if not _supported(module) or type(module).__name__ != kind:
-            raise TypeError(
-                f"checkpoint holds a dictionary-coded {kind}, but the model has a "
-                f"{type(module).__name__} there"
-            )
+        kind = self.rebuilt_kind(module, extra_state, "dictionary-coded")
         layout = [dict(g) for g in extra_state.get("groups", [])]
         expected = {mb.weight for _, mbs in _group_layout(module, True) for mb in mbs} | {
             mb.weight for _, mbs in _group_layout(module, False) for mb in mbs

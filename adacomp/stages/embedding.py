@@ -54,15 +54,22 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, module_bytes, module_params, register_stage
-from .lowrank import _cycle  # re-iterates the user's batches
+from .frame import (
+    EXTRA_STATE_KEY,
+    LayerRecord,
+    Stage,
+    StageInputs,
+    finetune,
+    layer_sizes,
+    module_bytes,
+    register_stage,
+)
 
 __all__ = [
     "EmbeddingConfig",
@@ -498,47 +505,40 @@ def _initial_logits(table: torch.Tensor, books: torch.Tensor, sharpness: float) 
 # --------------------------------------------------------------------------- training
 
 
-def _train(model, steps, config, data, train_step, make_optimizer, codes: list[_GumbelCodes], log) -> dict:
-    """Adam (cosine decay) on the task loss; anneals the Gumbel noise of ``codes`` linearly to zero."""
+def _train(model: nn.Module, config: EmbeddingConfig, inputs: StageInputs, codes: list[_GumbelCodes]) -> dict:
+    """:func:`~adacomp.stages.frame.finetune` for ``config.steps`` steps: Adam (cosine decay) with
+    the learning rates of the config, the Gumbel noise of ``codes`` annealed linearly from 1 to 0
+    (set before each step), and the rest of the model frozen unless ``config.train_rest``."""
     code_ids = {id(p) for c in codes for p in c.parameters()}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in code_ids]
     rest, frozen = (others, []) if config.train_rest else ([], others)
-    for p in frozen:
-        p.requires_grad_(False)
     groups = [{"params": rest, "lr": config.lr}] if rest else []
     groups += [{"params": [c.codebooks for c in codes], "lr": config.codebook_lr}] if codes else []
     groups += [{"params": [c.logits for c in codes], "lr": config.logit_lr}] if codes else []
     if not groups:
         raise ValueError("nothing to train: the model has no trainable parameter besides the table")
-    if make_optimizer is not None:
-        opt = make_optimizer([p for g in groups for p in g["params"]])
+    if inputs.make_optimizer is not None:
+        opt = inputs.make_optimizer([p for g in groups for p in g["params"]])
     else:
         opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    model.train()
-    batches = _cycle(data)
-    losses = []
-    every = max(1, steps // 5)
-    try:
-        for step in range(steps):
-            for c in codes:
-                c.noise = 1.0 - step / max(1, steps - 1)
-            loss = train_step(model, next(batches))
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise TypeError(
-                    "train_step(model, batch) must return the scalar loss tensor (not back-propagated)"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
-                log(f"  step {step + 1}/{steps}: loss {sum(losses[-every:]) / len(losses[-every:]):.4f}")
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
+    steps = config.steps
+
+    def anneal(step: int) -> None:
+        for c in codes:
+            c.noise = 1.0 - step / max(1, steps - 1)
+
+    return finetune(
+        model,
+        steps,
+        data=inputs.data,
+        train_step=inputs.train_step,
+        optimizer=opt,
+        on_step=anneal,
+        frozen=frozen,
+        log=inputs.log,
+        label="",
+        progress=inputs.progress,
+    )
 
 
 # --------------------------------------------------------------------------- the stage
@@ -548,11 +548,8 @@ def _train(model, steps, config, data, train_step, make_optimizer, codes: list[_
 class EmbeddingStage(Stage):
     """Compresses ``nn.Embedding`` / ``nn.EmbeddingBag`` tables (compact codes, SVD or int8)."""
 
-    def supports(self, module: nn.Module) -> bool:
-        return _supported(module)
-
-    def supported_kinds(self) -> str:
-        return "nn.Embedding, nn.EmbeddingBag (exact types, without max_norm)"
+    supports = staticmethod(_supported)
+    layer_kinds = "nn.Embedding, nn.EmbeddingBag (exact types, without max_norm)"
 
     def _compress_one(self, name, module, config, info) -> tuple[nn.Module, dict, str]:
         if module.max_norm is not None:
@@ -624,27 +621,12 @@ class EmbeddingStage(Stage):
         trainee.initial_codes = codes
         return trainee, choice, detail
 
-    def apply(
-        self,
-        model,
-        config,
-        *,
-        layers,
-        data=None,
-        evaluate=None,
-        train_step=None,
-        make_optimizer=None,
-        log=None,
-        info=None,
-        **kwargs: Any,
-    ) -> list[LayerRecord]:
-        info = {} if info is None else info
-        if config.steps > 0 and (data is None or train_step is None):
-            raise ValueError(
-                f"method={config.method!r} with steps={config.steps} trains with the task loss: pass "
-                f"data=<iterable of batches> and train_step=<fn(model, batch) -> loss tensor>"
+    def compress_layers(self, model, config, layers, inputs, info, **kwargs) -> list[LayerRecord]:
+        if config.steps > 0:
+            inputs.require_training(
+                f"method={config.method!r} with steps={config.steps} trains with the task loss: pass"
             )
-        before = {name: (module_params(m), module_bytes(m), type(m).__name__) for name, m in layers.items()}
+        before = layer_sizes(layers)
         choices, details, trainees = {}, {}, {}
         for name, module in layers.items():
             start = time.perf_counter()
@@ -654,12 +636,10 @@ class EmbeddingStage(Stage):
             choices[name], details[name] = choice, detail
             if isinstance(new, _GumbelCodes):
                 trainees[name] = new
-            if log is not None:
-                log(f"{name}: {config.method} {detail}")
+            if inputs.log is not None:
+                inputs.log(f"{name}: {config.method} {detail}")
         if config.steps > 0:
-            info["train"] = _train(
-                model, config.steps, config, data, train_step, make_optimizer, list(trainees.values()), log
-            )
+            info["train"] = _train(model, config, inputs, list(trainees.values()))
         for name, trainee in trainees.items():
             codes = trainee.logits.detach().argmax(-1)
             with torch.no_grad():
@@ -667,23 +647,15 @@ class EmbeddingStage(Stage):
             model.set_submodule(name, kept)
             choices[name]["changed_codes"] = float((codes != trainee.initial_codes).float().mean())
         records = []
-        for name, (p0, b0, kind) in before.items():
+        for name, size in before.items():
             new = model.get_submodule(name)
-            choices[name]["budget_bytes"] = math.floor((1.0 - config.ratio) * b0)
-            choices[name]["achieved"] = 1.0 - module_bytes(new) / b0
-            records.append(
-                LayerRecord(
-                    name, kind, p0, module_params(new), b0, module_bytes(new), choices[name], details[name]
-                )
-            )
+            choices[name]["budget_bytes"] = math.floor((1.0 - config.ratio) * size.bytes)
+            choices[name]["achieved"] = 1.0 - module_bytes(new) / size.bytes
+            records.append(size.record(new, choices[name], details[name]))
         return records
 
     def rebuild(self, module: nn.Module, extra_state: dict) -> nn.Module:
-        if not _supported(module) or type(module).__name__ != extra_state.get("kind"):
-            raise TypeError(
-                f"checkpoint holds a compressed {extra_state.get('kind')}, but the model has a "
-                f"{type(module).__name__} there"
-            )
+        self.rebuilt_kind(module, extra_state, "compressed")
         shape = [extra_state.get("num_embeddings"), extra_state.get("embedding_dim")]
         if shape != [module.num_embeddings, module.embedding_dim]:
             raise ValueError(

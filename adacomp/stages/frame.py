@@ -28,7 +28,12 @@ module, and then the weights are loaded strictly. The checkpoint loads with
 
 Adding a stage
 --------------
-::
+``compress_layers`` gets the caller's ``data``, ``evaluate``, ``train_step``, ``make_optimizer``,
+``log`` and ``progress`` as one :class:`StageInputs`. A stage that trains (regularises or fine-tunes)
+calls :func:`finetune`, the one training loop of all stages, after
+:meth:`StageInputs.require_training` has checked that the caller passed ``data`` and
+``train_step``. :func:`layer_sizes`, taken before the layers are swapped, builds the per-layer records
+(:meth:`LayerSizes.record`). ::
 
     @dataclass
     class MyConfig:
@@ -37,19 +42,21 @@ Adding a stage
 
     @register_stage("mine", MyConfig)
     class MyStage(Stage):
+        layer_kinds = "nn.Linear"                     # for error messages
         def supports(self, module): return isinstance(module, nn.Linear)
-        def apply(self, model, config, *, layers, **kw) -> list[LayerRecord]: ...
-        def rebuild(self, module, extra_state): ...   # only if apply swaps modules
+        def compress_layers(self, model, config, layers, inputs, info) -> list[LayerRecord]: ...
+        def rebuild(self, module, extra_state): ...   # only if it swaps modules
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -58,12 +65,16 @@ __all__ = [
     "COMPRESSED_ATTR",
     "EXTRA_STATE_KEY",
     "LayerRecord",
+    "LayerSizes",
     "Report",
     "Stage",
+    "StageInputs",
     "UnsupportedLayerError",
     "compress_",
     "config_from_dict",
+    "finetune",
     "get_stage",
+    "layer_sizes",
     "load",
     "module_bytes",
     "module_params",
@@ -143,6 +154,45 @@ class LayerRecord:
     def ratio(self) -> float:
         """Compression ratio of the layer, ``bytes_before / bytes_after``."""
         return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+
+class LayerSizes(NamedTuple):
+    """Storage of one layer before a stage changes it (see :func:`layer_sizes`)."""
+
+    name: str
+    """fully qualified module name."""
+    params: int
+    """stored elements: parameters plus persistent buffers (:func:`module_params`)."""
+    bytes: int
+    """bytes of those elements at their dtypes (:func:`module_bytes`)."""
+    kind: str
+    """the module class, e.g. ``"Conv2d"``."""
+
+    def record(self, module: nn.Module, choice: dict, detail: str) -> LayerRecord:
+        """The :class:`LayerRecord` of this layer: these sizes against those of ``module``, the
+        layer as it is now (compressed or left as it was)."""
+        return LayerRecord(
+            name=self.name,
+            kind=self.kind,
+            params_before=self.params,
+            params_after=module_params(module),
+            bytes_before=self.bytes,
+            bytes_after=module_bytes(module),
+            choice=choice,
+            detail=detail,
+        )
+
+
+def layer_sizes(layers: Mapping[str, nn.Module]) -> dict[str, LayerSizes]:
+    """``{name: LayerSizes(name, params, bytes, kind)}`` of ``layers`` as they are now.
+
+    A stage takes it before swapping the layers; :meth:`LayerSizes.record` then makes each
+    layer's record.
+    """
+    return {
+        name: LayerSizes(name, module_params(m), module_bytes(m), type(m).__name__)
+        for name, m in layers.items()
+    }
 
 
 def _fmt_int(n: int) -> str:
@@ -258,6 +308,188 @@ def _fmt_metric(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+# --------------------------------------------------------------------------- training (for stages)
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What the caller of :func:`compress_` hands on to the stage (see the module doc).
+
+    Attributes:
+        data: iterable of batches for ``train_step``, or ``None``.
+        evaluate: ``evaluate(model) -> float``, higher is better, or ``None``.
+        train_step: ``train_step(model, batch) -> loss`` (a 0-dim tensor), or ``None``.
+        make_optimizer: ``make_optimizer(params) -> Optimizer``, overriding the stage's optimizer,
+            or ``None``.
+        log: ``log(message)`` for progress messages, or ``None`` (silent).
+        progress: whether training draws a progress bar (:func:`finetune`).
+    """
+
+    data: Iterable | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    make_optimizer: OptimizerFactory | None = None
+    log: Callable[[str], None] | None = None
+    progress: bool = False
+
+    def require_training(self, what: str) -> None:
+        """Raise ``ValueError(f"{what} data=<iterable of batches> and train_step=<fn(model, batch) ->
+        loss tensor>")`` unless both ``data`` and ``train_step`` were given; ``what`` names the
+        setting that trains, ending with its verb, e.g. ``"finetune_steps needs"``."""
+        if self.data is None or self.train_step is None:
+            raise ValueError(
+                f"{what} data=<iterable of batches> and train_step=<fn(model, batch) -> loss tensor>"
+            )
+
+
+def _cycle(data: Iterable) -> Iterator:
+    """The batches of ``data``, re-iterated without end; ``ValueError`` if a pass yields none."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("data yielded no batch")
+
+
+def _progress_bar(steps: int, label: str, enabled: bool):
+    """A tqdm bar on stderr, or ``None`` when not ``enabled``; drawn only if stderr is a terminal."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=steps,
+        desc=label or "train",
+        unit="step",
+        leave=False,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def finetune(
+    model: nn.Module,
+    steps: int,
+    *,
+    data: Iterable,
+    train_step: Callable[[nn.Module, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer | OptimizerFactory,
+    scheduler: str = "cosine",
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    penalty_weight: float = 1.0,
+    penalty_name: str = "penalty",
+    on_step: Callable[[int], None] | None = None,
+    frozen: Iterable[nn.Parameter] = (),
+    log: Callable[[str], None] | None = None,
+    label: str = "finetune",
+    progress: bool = False,
+) -> dict:
+    """Train ``model`` for ``steps`` optimizer steps on the user's task loss: the loop of every stage.
+
+    Step ``k`` (``0 .. steps - 1``) does, in this order: ``on_step(k)``; ``loss = train_step(model,
+    batch)`` on the next batch of ``data``; with a ``penalty``, ``loss = loss + penalty_weight *
+    penalty(model)``; ``zero_grad(set_to_none=True)``; ``loss.backward()``; ``optimizer.step()``;
+    the scheduler's step. ``model`` is put in training mode (``model.train()``) and left so.
+
+    Args:
+        model: the model to train, in place.
+        steps: the number of optimizer steps, ``>= 1``.
+        data: iterable of batches, re-iterated as often as needed.
+        train_step: ``train_step(model, batch) -> loss``, a 0-dim tensor not yet back-propagated.
+        optimizer: an optimizer over the parameters to train, or a factory ``optimizer(params)``
+            (e.g. the user's ``make_optimizer``) called once with the model's parameters that
+            require gradients, in ``model.parameters()`` order, after ``frozen`` is frozen.
+        scheduler: ``"cosine"`` (``CosineAnnealingLR`` with ``T_max=steps``: every group's
+            learning rate decays from its initial value to 0 over the run) or ``"constant"``.
+        penalty: ``penalty(model) -> 0-dim tensor`` added to the loss, e.g. a regulariser.
+        penalty_weight: its factor in the loss (the recorded values are unweighted).
+        penalty_name: its name in the returned keys and the log lines.
+        on_step: called with the step index before each step (e.g. to anneal a noise level).
+        frozen: parameters held at ``requires_grad=False`` during training; those that required
+            gradients require them again afterwards, also when training raises.
+        log: gets a line about five times a run, ``"  {label} step {k}/{steps}: loss {mean:.4f}"``
+            (the mean task loss since the previous line; ``"  step ..."`` when ``label`` is empty),
+            with a penalty followed by ``", {penalty_name} {last value:.4f}"``.
+        label: the phase's name, in log lines and on the progress bar.
+        progress: draw a ``tqdm`` progress bar on stderr (only when stderr is a terminal).
+
+    Returns:
+        ``{"steps": steps, "loss_first": float, "loss_last": float}``: the task loss (without the
+        penalty) of the first and last step; with a penalty also ``f"{penalty_name}_first"`` and
+        ``f"{penalty_name}_last"``.
+
+    Raises:
+        ValueError: ``steps < 1``, an unknown ``scheduler``, or ``data`` yields no batch.
+        TypeError: ``train_step`` returns anything but a 0-dim tensor.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if scheduler not in ("cosine", "constant"):
+        raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+    frozen = [p for p in frozen if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    bar = None
+    try:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            if scheduler == "cosine"
+            else None
+        )
+        model.train()
+        batches = _cycle(data)
+        losses: list[float] = []
+        penalties: list[float] = []
+        every = max(1, steps // 5)
+        prefix = f"  {label} step" if label else "  step"
+        bar = _progress_bar(steps, label, progress)
+        for step in range(steps):
+            if on_step is not None:
+                on_step(step)
+            loss = train_step(model, next(batches))
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise TypeError(
+                    "train_step(model, batch) must return the scalar loss tensor (not back-propagated)"
+                )
+            losses.append(float(loss.detach()))
+            if penalty is not None:
+                reg = penalty(model)
+                penalties.append(float(reg.detach()))
+                loss = loss + penalty_weight * reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if sched is not None:
+                sched.step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+                bar.update()
+            if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
+                msg = f"{prefix} {step + 1}/{steps}: loss {sum(losses[-every:]) / len(losses[-every:]):.4f}"
+                if penalties:
+                    msg += f", {penalty_name} {penalties[-1]:.4f}"
+                if bar is None:
+                    log(msg)
+                else:  # the bar steps aside while the line is written, then is redrawn below it
+                    with bar.external_write_mode(file=sys.stderr):
+                        log(msg)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p in frozen:
+            p.requires_grad_(True)
+    out = {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
+    if penalties:
+        out[f"{penalty_name}_first"], out[f"{penalty_name}_last"] = penalties[0], penalties[-1]
+    return out
+
+
 # --------------------------------------------------------------------------- stages and registry
 
 
@@ -267,19 +499,22 @@ class Stage:
     Subclasses are registered with :func:`register_stage`, which sets :attr:`name` and
     :attr:`config_type`. :func:`compress_` selects the layers (``filter_fn`` or
     :meth:`supports`), raises :class:`UnsupportedLayerError` for a selected layer the stage does
-    not support, and calls :meth:`apply`.
+    not support, and calls :meth:`apply`. A stage implements :meth:`compress_layers`, which gets
+    the caller's inputs as one :class:`StageInputs` (or overrides :meth:`apply` itself).
     """
 
     name: str = ""
     config_type: type = object
+    layer_kinds: str = "see the stage's documentation"
+    """Human-readable list of the supported layer kinds, for error messages."""
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this stage can compress ``module`` (a module owning parameters)."""
         raise NotImplementedError
 
     def supported_kinds(self) -> str:
-        """Human-readable list of the supported layer kinds, for error messages."""
-        return "see the stage's documentation"
+        """Human-readable list of the supported layer kinds (default: :attr:`layer_kinds`)."""
+        return self.layer_kinds
 
     def apply(
         self,
@@ -293,18 +528,48 @@ class Stage:
         make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         log: Callable[[str], None] | None = None,
         info: dict | None = None,
+        progress: bool = False,
         **kwargs: Any,
     ) -> list[LayerRecord]:
         """Compress ``layers`` (``{name: module}``) of ``model`` in place; return one record each.
 
-        ``info`` is a dict the stage may fill with run facts that go into ``Report.info``.
+        ``info`` is a dict the stage may fill with run facts that go into ``Report.info``;
+        ``progress`` asks a stage that trains for a progress bar (``finetune(progress=...)``). This
+        default bundles the inputs into a :class:`StageInputs` and calls :meth:`compress_layers`.
         """
-        raise NotImplementedError
+        inputs = StageInputs(data, evaluate, train_step, make_optimizer, log, progress)
+        return self.compress_layers(model, config, layers, inputs, {} if info is None else info, **kwargs)
+
+    def compress_layers(
+        self,
+        model: nn.Module,
+        config: Any,
+        layers: dict[str, nn.Module],
+        inputs: StageInputs,
+        info: dict,
+        **kwargs,
+    ) -> list[LayerRecord]:
+        """What :meth:`apply` does, with the caller's callables and data in ``inputs`` and ``info``
+        a dict (never ``None``) for run facts; ``kwargs`` are the stage's own options."""
+        raise NotImplementedError(f"stage {self.name!r} implements neither apply nor compress_layers")
 
     def rebuild(self, module: nn.Module, extra_state: dict) -> nn.Module:
         """Return the compressed module that replaces ``module`` (as built before compression),
         shaped as recorded in ``extra_state``; its weights are loaded afterwards."""
         raise NotImplementedError(f"stage {self.name!r} does not swap modules, nothing to rebuild")
+
+    def rebuilt_kind(self, module: nn.Module, extra_state: dict, what: str) -> str:
+        """The layer kind ``extra_state["kind"]`` (e.g. ``"Linear"``), for :meth:`rebuild`.
+
+        Raises ``TypeError("checkpoint holds a {what} {kind}, but the model has a ... there")``
+        unless this stage supports ``module`` and ``module`` is of that kind (class name).
+        """
+        kind = extra_state.get("kind")
+        if not self.supports(module) or type(module).__name__ != kind:
+            raise TypeError(
+                f"checkpoint holds a {what} {kind}, but the model has a {type(module).__name__} there"
+            )
+        return kind
 
 
 _STAGES: dict[str, Stage] = {}
@@ -423,6 +688,7 @@ def compress_(
     train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Run the stage that ``config`` belongs to on ``model``, in place, and return a :class:`Report`.
@@ -440,6 +706,8 @@ def compress_(
         train_step: ``train_step(model, batch) -> loss`` (not back-propagated; see the module doc).
         make_optimizer: ``make_optimizer(params) -> Optimizer`` overrides the stage's optimizer.
         log: progress messages go here (e.g. ``print``); default: silent.
+        progress: show a ``tqdm`` progress bar on stderr while a stage trains (only when stderr is
+            a terminal); default: off.
         **kwargs: passed to the stage.
     """
     stage = get_stage(config)
@@ -468,6 +736,7 @@ def compress_(
         make_optimizer=make_optimizer,
         log=log,
         info=info,
+        progress=progress,
         **kwargs,
     )
     model.train(was_training)

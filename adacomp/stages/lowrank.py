@@ -69,16 +69,16 @@ follow the factorization.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, module_bytes, module_params, register_stage
+from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, finetune, layer_sizes, register_stage
 
 __all__ = [
     "METHODS",
@@ -436,25 +436,31 @@ def _plan_cost(layers: list[_Layer], plan: Plan) -> int:
     return sum(layer.cost(plan[layer.name]) for layer in layers)
 
 
+def _largest_fitting(
+    layers: list[_Layer], values: list[float], plan: Callable[[float], Plan], budget: int
+) -> Plan | None:
+    """``plan(v)`` for the largest ``v`` of ``values`` (sorted, smallest first; plans grow with
+    ``v``) whose ranks fit ``budget``, by bisection; None if not even ``plan(values[0])`` fits."""
+    if _plan_cost(layers, plan(values[0])) > budget:
+        return None
+    lo, hi = 0, len(values) - 1  # invariant: values[lo] fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _plan_cost(layers, plan(values[mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return plan(values[lo])
+
+
 def _energy_plan(layers: list[_Layer], budget: int) -> Plan | None:
     """The largest common energy share ``tau`` whose ranks fit ``budget``; None if rank 1 does not fit."""
     if not layers:
         return {} if budget >= 0 else None
     taus = sorted({0.0, *(e for layer in layers for e in layer.energy)})
-
-    def plan(tau):
-        return {layer.name: layer.rank_for_energy(tau) for layer in layers}
-
-    if _plan_cost(layers, plan(0.0)) > budget:
-        return None
-    lo, hi = 0, len(taus) - 1  # invariant: taus[lo] fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _plan_cost(layers, plan(taus[mid])) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return plan(taus[lo])
+    return _largest_fitting(
+        layers, taus, lambda tau: {layer.name: layer.rank_for_energy(tau) for layer in layers}, budget
+    )
 
 
 def _uniform_plan(layers: list[_Layer], budget: int) -> Plan | None:
@@ -464,16 +470,7 @@ def _uniform_plan(layers: list[_Layer], budget: int) -> Plan | None:
     def plan(f):
         return {layer.name: layer.rank_value(math.floor(f * layer.full + 1e-9)) for layer in layers}
 
-    if _plan_cost(layers, plan(0.0)) > budget:
-        return None
-    lo, hi = 0, len(fracs) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _plan_cost(layers, plan(fracs[mid])) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return plan(fracs[lo])
+    return _largest_fitting(layers, fracs, plan, budget)
 
 
 def _fill(layers: list[_Layer], plan: Plan, budget: int) -> Plan:
@@ -598,71 +595,6 @@ def _beam_search(
     return best[2], trace
 
 
-# --------------------------------------------------------------------------- training
-
-
-def _cycle(data: Iterable) -> Iterable:
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("data yielded no batch")
-
-
-def _train(
-    model: nn.Module,
-    steps: int,
-    config: LowRankConfig,
-    data: Iterable,
-    train_step: Callable[[nn.Module, Any], torch.Tensor],
-    make_optimizer: Callable | None,
-    penalty: Callable[[nn.Module], torch.Tensor] | None,
-    log: Callable[[str], None] | None,
-    label: str,
-) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if make_optimizer is not None:
-        opt = make_optimizer(params)
-    else:
-        opt = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.schedule == "cosine" else None
-    )
-    model.train()
-    batches = _cycle(data)
-    losses, penalties = [], []
-    every = max(1, steps // 5)
-    for step in range(steps):
-        loss = train_step(model, next(batches))
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TypeError(
-                "train_step(model, batch) must return the scalar loss tensor (not back-propagated)"
-            )
-        losses.append(float(loss.detach()))
-        if penalty is not None:
-            reg = penalty(model)
-            penalties.append(float(reg.detach()))
-            loss = loss + config.regularize_weight * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
-            msg = f"  {label} step {step + 1}/{steps}: loss {sum(losses[-every:]) / len(losses[-every:]):.4f}"
-            if penalties:
-                msg += f", msr {penalties[-1]:.4f}"
-            log(msg)
-    out = {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
-    if penalties:
-        out.update(msr_first=penalties[0], msr_last=penalties[-1])
-    return out
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -670,11 +602,8 @@ def _train(
 class LowRankStage(Stage):
     """Truncated-SVD factorization of ``nn.Linear`` and ``nn.Conv2d`` (groups=1) layers."""
 
-    def supports(self, module: nn.Module) -> bool:
-        return _supported(module)
-
-    def supported_kinds(self) -> str:
-        return "nn.Linear, nn.Conv2d with groups=1 (exact types)"
+    supports = staticmethod(_supported)
+    layer_kinds = "nn.Linear, nn.Conv2d with groups=1 (exact types)"
 
     def select(
         self,
@@ -731,79 +660,56 @@ class LowRankStage(Stage):
         info["budget_params"] = budget
         return plan
 
-    def apply(
-        self,
-        model,
-        config,
-        *,
-        layers,
-        data=None,
-        evaluate=None,
-        train_step=None,
-        make_optimizer=None,
-        log=None,
-        info=None,
-        **kwargs,
-    ) -> list[LayerRecord]:
-        info = {} if info is None else info
-        needs_training = config.regularize_steps > 0 or config.finetune_steps > 0
-        if needs_training and (data is None or train_step is None):
-            raise ValueError(
-                "regularize_steps/finetune_steps need data=<iterable of batches> and "
-                "train_step=<fn(model, batch) -> loss tensor>"
-            )
-        before = {name: (module_params(m), module_bytes(m), type(m).__name__) for name, m in layers.items()}
-        plan = self.select(model, config, layers, evaluate=evaluate, log=log, info=info)
+    def compress_layers(self, model, config, layers, inputs, info, **kwargs) -> list[LayerRecord]:
+        if config.regularize_steps > 0 or config.finetune_steps > 0:
+            inputs.require_training("regularize_steps/finetune_steps need")
+        before = layer_sizes(layers)
+        plan = self.select(model, config, layers, evaluate=inputs.evaluate, log=inputs.log, info=info)
         full = {name: min(weight_matrix(m).shape) for name, m in layers.items()}
         ranks = {name: (r if r < full[name] else None) for name, r in plan.items()}
         info["ranks"] = {k: v for k, v in ranks.items() if v is not None}
+        sgd = functools.partial(
+            torch.optim.SGD, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        train = functools.partial(  # both phases: SGD (or make_optimizer) over the trainable parameters
+            finetune,
+            data=inputs.data,
+            train_step=inputs.train_step,
+            optimizer=inputs.make_optimizer or sgd,
+            scheduler=config.schedule,
+            log=inputs.log,
+            progress=inputs.progress,
+        )
         if config.regularize_steps > 0:
             targets = dict(info["ranks"])
-            info["regularize"] = _train(
+            info["regularize"] = train(
                 model,
                 config.regularize_steps,
-                config,
-                data,
-                train_step,
-                make_optimizer,
-                lambda mod: regularize(mod, targets),
-                log,
-                "msr",
+                penalty=lambda mod: regularize(mod, targets),
+                penalty_weight=config.regularize_weight,
+                penalty_name="msr",
+                label="msr",
             )
         for name, r in ranks.items():
             if r is not None:
                 model.set_submodule(name, factorize(model.get_submodule(name), r))
         if config.finetune_steps > 0:
-            info["finetune"] = _train(
-                model, config.finetune_steps, config, data, train_step, make_optimizer, None, log, "finetune"
+            info["finetune"] = train(model, config.finetune_steps, label="finetune")
+        records = [
+            size.record(
+                model.get_submodule(name),
+                {"rank": ranks[name], "full_rank": full[name]},
+                f"rank {ranks[name]}/{full[name]}" if ranks[name] is not None else f"dense ({full[name]})",
             )
-        selected_before = sum(p for p, _, _ in before.values())
-        records = []
-        for name, (p0, b0, kind) in before.items():
-            new = model.get_submodule(name)
-            r = ranks[name]
-            detail = f"rank {r}/{full[name]}" if r is not None else f"dense ({full[name]})"
-            records.append(
-                LayerRecord(
-                    name=name,
-                    kind=kind,
-                    params_before=p0,
-                    params_after=module_params(new),
-                    bytes_before=b0,
-                    bytes_after=module_bytes(new),
-                    choice={"rank": r, "full_rank": full[name]},
-                    detail=detail,
-                )
-            )
+            for name, size in before.items()
+        ]
+        selected_before = sum(size.params for size in before.values())
         info["selected_reduction"] = 1.0 - sum(r.params_after for r in records) / selected_before
         return records
 
     def rebuild(self, module: nn.Module, extra_state: dict) -> nn.Module:
-        kind, rank = extra_state.get("kind"), int(extra_state.get("rank", 0))
-        if not _supported(module) or type(module).__name__ != kind:
-            raise TypeError(
-                f"checkpoint holds a low-rank {kind}, but the model has a {type(module).__name__} there"
-            )
+        kind = self.rebuilt_kind(module, extra_state, "low-rank")
+        rank = int(extra_state.get("rank", 0))
         shape = list(module.weight.shape)
         if list(extra_state.get("shape", shape)) != shape:
             raise ValueError(
