@@ -3,6 +3,10 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 NPROC ?= 2
+# The tools that pip installs beside $(PYTHON) (mpiexec, mpicxx, horovodrun, adacomp) come
+# first on PATH, so PYTHON=.venv/bin/python uses the virtual environment's, not the system's.
+PYBIN := $(shell $(PYTHON) -c "import os, sys; print(os.path.dirname(sys.executable))" 2>/dev/null)
+export PATH := $(if $(PYBIN),$(PYBIN):,)$(PATH)
 
 # `make install` is skipped when this checkout is already installed (editable) in $(PYTHON)
 # and nothing the build reads (setup.py, pyproject.toml, csrc/) changed since: a stamp file.

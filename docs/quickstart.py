@@ -27,14 +27,16 @@ COMMAND = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--npr
            os.path.join("launch", "train.py")]
 
 
-def run_main_job(timeout: float = 600) -> str:
+def run_main_job(timeout: float = 600, plot: bool = True) -> str:
     """Run the quick start's main job; return the summary block it printed (title to legend).
+    ``plot=False`` writes no plot (a check leaves the user's ``results/`` alone).
 
     Raises:
         RuntimeError: the job failed (its output tail is in the message) or printed no table.
     """
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(COMMAND, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    cmd = COMMAND if plot else [*COMMAND, "--plot", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the main job failed ({proc.returncode}):\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     path = args.update or args.check
     with open(path) as f:
         text = f.read()
-    fresh = run_main_job()
+    fresh = run_main_job(plot=bool(args.update))
     if args.update:
         with open(path, "w") as f:
             f.write(replace_block(text, fresh))

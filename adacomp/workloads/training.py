@@ -46,9 +46,18 @@ IMAGE_DATA = ("digits", "mnist", "fashion-mnist")
 TEXT_DATA = ("shakespeare",)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Data-parallel training comparing gradient compressors.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsFormatter)
     p.add_argument("--compressor", nargs="+", default=["none", "adacomp"], choices=COMPRESSORS,
                    help="compressors to train with, one after the other")
     p.add_argument("--model", default=None, choices=["cnn", "lstm"],
@@ -102,10 +111,15 @@ def parse_args(argv=None):
     return args
 
 
+def _started_by_mpiexec() -> bool:
+    return "RANK" not in os.environ and ("OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ)
+
+
 def default_plot_path(args) -> str:
-    """``results/train_<data>_<backend>.png``: torchrun, horovodrun and mpiexec runs of the same
-    job do not overwrite each other's plot."""
-    return os.path.join("results", f"train_{args.data}_{args.backend}.png")
+    """``results/train_<data>_<backend>.png`` (``..._ddp-mpiexec.png`` for the DDP hook under
+    mpiexec): runs of the same job under different launchers do not overwrite each other's plot."""
+    launcher = "-mpiexec" if args.backend == "ddp" and _started_by_mpiexec() else ""
+    return os.path.join("results", f"train_{args.data}_{args.backend}{launcher}.png")
 
 
 # ------------------------------------------------------------------------------ progress
@@ -225,8 +239,7 @@ class DDPBackend:
     name = "ddp"
 
     def init(self):
-        if not dist.is_initialized() and "RANK" not in os.environ and (
-                "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ):
+        if not dist.is_initialized() and _started_by_mpiexec():
             from ..parallel.mpi import init_torch_distributed  # started by mpiexec, not torchrun
 
             return init_torch_distributed("gloo")
@@ -342,14 +355,19 @@ class MPIBackend:
                     buf = p.numpy()
                     self.comm.Bcast(buf, root=0)
 
+        # the dense baseline is counted as Horovod's is: by layer kind, received as a ring
+        counter = _Steps(4, world) if name != "adacomp" else None
+
         def step():
             named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
             for (_, p), avg in zip(named, comm.allreduce([n for n, _ in named], [p.grad for _, p in named])):
                 p.grad.copy_(avg)
             clip()
             opt.step()
+            if counter is not None:
+                counter.count(model)
 
-        return model, step, comm
+        return model, step, counter if counter is not None else comm
 
 
 def _all_dense(name, tensor):
@@ -578,4 +596,7 @@ def run_and_exit(argv=None) -> None:
     if args_backend == "ddp":
         sys.stdout.flush()
         sys.stderr.flush()
+        mpi = sys.modules.get("mpi4py.MPI")  # torch.distributed initialised from mpiexec
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()  # else mpiexec reports the rank as exited without finalize, rc 1
         os._exit(0)
