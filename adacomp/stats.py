@@ -22,6 +22,12 @@ def layer_kind(shape) -> str:
     return "conv" if len(shape) >= 3 else "fc"
 
 
+def ring_allreduce_received(nbytes: int, world: int) -> int:
+    """Bytes one rank receives in a ring allreduce of ``nbytes`` over ``world`` ranks:
+    ``2 (W-1)/W`` of them (reduce-scatter plus all-gather), rounded down."""
+    return 2 * (world - 1) * nbytes // world
+
+
 def _zero():
     return {k: {"dense_bytes": 0, "wire_bytes": 0} for k in KINDS}
 

@@ -46,7 +46,7 @@ import torch
 
 from ..compressor import AdaComp
 from ..payload import Payload, decompress_sum, shard_bounds
-from ..stats import TrafficStats, layer_kind
+from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 
 META_MAGIC = 0xADAC02
 META_FIXED = 4  # magic, config hash, number of tensors, pieces per tensor
@@ -540,7 +540,7 @@ class GroupExchange:
                 overhead += longest - mine
         if self.dense:
             nbytes = sum(self.grads[t].numel() * self.grads[t].element_size() for t in self.dense)
-            received += 2 * (W - 1) * nbytes // W
+            received += ring_allreduce_received(nbytes, W)
         stats.add("overhead", 0, overhead)
         stats.add_received(received)
         stats.note_exchange(self.names[0] if self.names else "", self.mode, self.choice)

@@ -35,7 +35,7 @@ def _hvd():
         import horovod.torch as hvd
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("adacomp.parallel.horovod needs Horovod built with PyTorch support: run "
-                          "launch/install_horovod.sh") from exc
+                          "make distributed (or launch/install_horovod.sh)") from exc
     return hvd
 
 

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..parallel.ddp import AdaCompState, adacomp_hook
 from ..parallel.exchange import CostModel
-from ..stats import TrafficStats, layer_kind
+from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 from . import data as datasets
 from .models import build_model
 
@@ -168,8 +168,7 @@ class _Counting:
                     if n * m >= (n + m) * r * self.inner.min_compression_rate:
                         wire = (n + m) * r * 4
             self.traffic.add(layer_kind(g.shape) if g.dim() >= 2 else "dense", dense, wire)
-            # every one of these is an allreduce; a ring receives 2 (W-1)/W of its bytes
-            self.traffic.add_received(2 * (self.world - 1) * wire // self.world)
+            self.traffic.add_received(ring_allreduce_received(wire, self.world))  # each is an allreduce
         if bucket.is_last():
             self.traffic.end_step()
             self.step += 1
@@ -229,7 +228,7 @@ class _Steps:
                 kind = layer_kind(p.shape) if p.dim() >= 2 else "dense"
                 wire = p.numel() * self.bpe
                 self.traffic.add(kind, p.numel() * 4, wire)
-                self.traffic.add_received(2 * (self.world - 1) * wire // self.world)
+                self.traffic.add_received(ring_allreduce_received(wire, self.world))
         self.traffic.end_step()
 
 
