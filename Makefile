@@ -10,6 +10,8 @@ export PATH := $(if $(PYBIN),$(PYBIN):,)$(PATH)
 
 # `make install` is skipped when this checkout is already installed (editable) in $(PYTHON)
 # and nothing the build reads (setup.py, pyproject.toml, csrc/) changed since: a stamp file.
+# The check imports adacomp from outside the checkout, so an editable install that points at
+# another (moved or deleted) checkout is installed again.
 STAMP ?= build/.install-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
@@ -17,7 +19,7 @@ BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 install:
 	@if [ -f "$(STAMP)" ] && [ -z "$$(find $(BUILD_INPUTS) -newer "$(STAMP)" 2>/dev/null | head -n 1)" ] \
-	   && $(PYTHON) -c "import os, adacomp, adacomp._C, tqdm; assert os.path.samefile(os.path.dirname(adacomp.__file__), 'adacomp')" 2>/dev/null; then \
+	   && (cd / && $(PYTHON) -c "import os, adacomp, adacomp._C, tqdm; assert os.path.samefile(os.path.dirname(adacomp.__file__), '$(CURDIR)/adacomp')") 2>/dev/null; then \
 	  echo "adacomp: installed and up to date ($(STAMP); 'make reinstall' forces a rebuild)"; \
 	else $(MAKE) --no-print-directory reinstall; fi
 

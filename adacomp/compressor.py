@@ -232,6 +232,21 @@ class AdaComp:
     def names(self) -> list[str]:
         return list(self._shapes)
 
+    def scale_residues_(self, factor: float) -> None:
+        """Multiply every residue by ``factor`` in place (a loss scale changed; exact for
+        powers of two)."""
+        if self._residues:
+            torch._foreach_mul_(list(self._residues.values()), float(factor))
+
+    def set_residue(self, name: str, value: torch.Tensor) -> None:
+        """Set ``name``'s residue (fp32, any shape with the right number of elements); its
+        shape becomes ``value``'s. For carrying residues between runs."""
+        v = value.detach().to(torch.float32).reshape(-1).clone().contiguous()
+        if self.device is not None:
+            v = v.to(self.device)
+        self._residues[name] = v
+        self._shapes[name] = tuple(value.shape)
+
     def state_dict(self) -> dict:
         return {
             "config": self.config(),

@@ -157,10 +157,13 @@ def encode_header(shape, bin_size: int, n_sent: int, kind: int, nonfinite: bool,
     return bytes(out)
 
 
-def parse_header(buf, total_len: int | None = None) -> Header:
+def parse_header(buf, total_len: int | None = None, *, shape=None, max_numel: int | None = None) -> Header:
     """Parse and validate a header from a bytes-like object (or its first bytes).
 
     ``total_len`` is the full payload length; it must equal what the header implies.
+    ``shape``: the shape the receiver expects (the claimed shape must equal it);
+    ``max_numel``: the most elements the receiver accepts. Both bound what a decoder
+    allocates for a payload from the wire; a larger claim raises ``ValueError``.
     """
     n = len(buf)
     if n < 5:
@@ -178,6 +181,7 @@ def parse_header(buf, total_len: int | None = None) -> Header:
     ndim = buf[4]
     if ndim > MAX_NDIM:
         raise ValueError(f"adacomp payload claims {ndim} dimensions (at most {MAX_NDIM})")
+    expected = tuple(int(x) for x in shape) if shape is not None else None
     pos = 5
     shape = []
     for i in range(ndim):
@@ -188,6 +192,11 @@ def parse_header(buf, total_len: int | None = None) -> Header:
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise ValueError(f"adacomp payload claims {numel} elements (at most {MAX_NUMEL})")
+    if expected is not None and tuple(shape) != expected:
+        raise ValueError(f"adacomp payload claims shape {tuple(shape)}, the receiver expects {expected}")
+    if max_numel is not None and numel > max_numel:
+        raise ValueError(f"adacomp payload claims {numel} elements, more than the {max_numel} "
+                         "the receiver accepts (max_numel)")
     if bin_size < 1 or bin_size > max(numel, 1) or bin_size > MAX_BIN_SIZE:
         raise ValueError(f"adacomp payload has bin_size {bin_size} for {numel} elements "
                          f"(must be between 1 and the element count)")
@@ -220,30 +229,37 @@ class Payload:
 
     __slots__ = ("tensor", "header")
 
-    def __init__(self, tensor: torch.Tensor, header: Header | None = None):
+    def __init__(self, tensor: torch.Tensor, header: Header | None = None, *, shape=None,
+                 max_numel: int | None = None):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
             raise ValueError("a Payload wraps a 1-D uint8 tensor")
         if header is None:
             head = tensor[:MAX_HEADER_BYTES]
             head = head.cpu() if head.device.type != "cpu" else head
-            header = parse_header(head.numpy().tobytes(), tensor.numel())
+            header = parse_header(head.numpy().tobytes(), tensor.numel(), shape=shape, max_numel=max_numel)
         self.tensor = tensor
         self.header = header
 
     @classmethod
-    def from_bytes(cls, data) -> Payload:
-        """Parse (and validate the header and length of) a payload from bytes."""
+    def from_bytes(cls, data, *, shape=None, max_numel: int | None = None) -> Payload:
+        """Parse (and validate the header and length of) a payload from bytes.
+
+        ``shape`` (the shape the receiver expects) or ``max_numel`` (the most elements it
+        accepts) bound what decoding the payload allocates: a payload from the wire claiming
+        more raises ``ValueError`` here, before anything is allocated. Give one of them for
+        bytes you did not produce."""
         data = bytes(data)
-        header = parse_header(data, len(data))
+        header = parse_header(data, len(data), shape=shape, max_numel=max_numel)
         t = torch.empty(0, dtype=torch.uint8)
         if data:
             t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return cls(t, header)
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> Payload:
-        """Wrap a received uint8 tensor (exactly one payload long), validating its header."""
-        return cls(tensor)
+    def from_tensor(cls, tensor: torch.Tensor, *, shape=None, max_numel: int | None = None) -> Payload:
+        """Wrap a received uint8 tensor (exactly one payload long), validating its header
+        (``shape`` / ``max_numel``: as :meth:`from_bytes`)."""
+        return cls(tensor, shape=shape, max_numel=max_numel)
 
     def __bytes__(self) -> bytes:
         return self.tensor.cpu().numpy().tobytes()
@@ -520,8 +536,28 @@ def decompress_sum(payloads, out: torch.Tensor, name: str | None = None) -> torc
     return out
 
 
-def decompress(payload) -> torch.Tensor:
-    """Decode one payload to a dense fp32 tensor of its original shape."""
+#: What :func:`decompress` allocates at most unless told otherwise (1 GiB of fp32).
+DEFAULT_MAX_DECODE_NUMEL = 1 << 28
+
+
+def decompress(payload, *, shape=None, max_numel: int | None = None) -> torch.Tensor:
+    """Decode one payload (a :class:`Payload`, bytes or a uint8 tensor) to a dense fp32
+    tensor of its original shape.
+
+    The output's size comes from the payload's header, so for bytes from the wire give the
+    ``shape`` you expect or a ``max_numel``; without either, at most
+    :data:`DEFAULT_MAX_DECODE_NUMEL` elements (2^28, 1 GiB) are decoded. Raises
+    ``ValueError`` for a malformed payload or a larger claim (before allocating anything).
+    """
+    if max_numel is None and shape is None:
+        max_numel = DEFAULT_MAX_DECODE_NUMEL
     p = _as_payload(payload)
+    if shape is not None and tuple(p.shape) != tuple(int(x) for x in shape):
+        raise ValueError(f"adacomp payload claims shape {tuple(p.shape)}, the receiver expects "
+                         f"{tuple(int(x) for x in shape)}")
+    if max_numel is not None and math.prod(p.shape) > max_numel:
+        raise ValueError(f"adacomp payload claims {math.prod(p.shape)} elements, more than the "
+                         f"{max_numel} the receiver accepts (pass max_numel= or shape= to decode "
+                         "larger tensors)")
     out = torch.zeros(p.shape, dtype=torch.float32, device=p.tensor.device)
     return decompress_sum([p], out)

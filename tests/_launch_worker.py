@@ -3,6 +3,7 @@
     mpiexec -n N python tests/_launch_worker.py OUT mpi KIND CFG STEPS [OPTS]
     mpiexec -n N python tests/_launch_worker.py OUT ddp-from-mpi KIND CFG STEPS
     horovodrun -np N --gloo python tests/_launch_worker.py OUT horovod KIND CFG STEPS [OPTS]
+    mpiexec / horovodrun ... OUT invariant-mpi|invariant-horovod - {} 0 [OPTS]
 
 ``mpi``: the training of tests/_ddp_scenarios.train through adacomp.parallel.mpi.Communicator;
 ``horovod``: through adacomp.parallel.horovod.DistributedOptimizer; ``ddp-from-mpi``: torch.distributed
@@ -138,6 +139,60 @@ def train_path(path, kind, cfg, steps, resume=None, save_at=None, bad_step=None)
             "history": history}
 
 
+def errors(kind):
+    """Errors that must reach every rank: rank 1 exchanges fewer tensors, then rank 1 sends
+    a bad (integer) tensor, then a normal exchange still works."""
+    from adacomp.parallel.exchange import PlainExchangeState
+
+    torch.set_num_threads(1)
+    rank_world = None
+    if kind == "horovod":
+        import horovod.torch as hvd
+
+        from adacomp.parallel.horovod import HorovodTransport
+
+        hvd.init()
+        rank_world = hvd.rank(), hvd.size()
+        import adacomp
+
+        state = PlainExchangeState(adacomp.AdaComp(min_numel=0), "allgather",
+                                   world=hvd.size(), rank=hvd.rank())
+
+        def exchange(names, tensors, tag):
+            outs = [torch.empty_like(t) for t in tensors]
+            state.run(names, tensors, HorovodTransport(hvd, tag), outputs=outs)
+            return outs
+    else:
+        from mpi4py import MPI
+
+        from adacomp.parallel.mpi import Communicator
+
+        rank_world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        comm = Communicator(min_numel=0, exchange="allgather")
+
+        def exchange(names, tensors, tag):
+            return comm.allreduce(names, tensors)
+    rank, _ = rank_world
+    g = torch.Generator().manual_seed(rank)
+    names = ["a", "b", "c"]
+    tensors = [torch.randn(64, 64, generator=g) for _ in names]
+    out = {}
+
+    def attempt(key, fn):
+        try:
+            fn()
+            out[key] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the message is what is tested
+            out[key] = f"{type(exc).__name__}: {exc}"
+
+    n = 2 if rank == 1 else 3
+    attempt("fewer", lambda: exchange(names[:n], tensors[:n], "fewer"))
+    bad = [t.to(torch.int64) if rank == 1 else t for t in tensors]
+    attempt("bad_input", lambda: exchange(names, bad, "bad"))
+    attempt("after", lambda: exchange(names, tensors, "after"))
+    return rank, out
+
+
 def main():
     out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg, steps = json.loads(sys.argv[4]), int(sys.argv[5])
@@ -150,6 +205,15 @@ def main():
         path = HorovodPath(cfg)
         rank = path.rank
         result = train_path(path, kind, cfg, steps, **opts)
+    elif mode in ("errors-mpi", "errors-horovod"):
+        rank, result = errors(mode.split("-")[1])
+    elif mode in ("invariant-mpi", "invariant-horovod"):
+        from tests import _invariant
+
+        torch.set_num_threads(1)
+        path = _invariant.SyncPath(mode.split("-")[1])
+        rank = path.rank
+        result = _invariant.run_all(path, rank, path.world, **opts)
     elif mode == "ddp-from-mpi":
         import torch.distributed as dist
 

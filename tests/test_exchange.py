@@ -72,7 +72,7 @@ def exchange_all(states, grads_per_rank, names):
             outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
             ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs)
             run_exchange(ex, Loopback(hub, r), states[r].traffic)
-            states[r].traffic.end_step()
+            states[r].end_step()
             outs[r] = outputs
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)

@@ -17,6 +17,7 @@ not be smaller than the dense bytes) travel together in one allreduce per bucket
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
 import logging
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
 from ..stats import TrafficStats
-from .exchange import CostModel, ExchangeState, check_exchange
+from .exchange import CostModel, ExchangeState, StepLedger, check_exchange, check_headers, error_meta
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,27 @@ def _named_parameters(model: nn.Module | None, named_parameters):
     return out
 
 
+def _model_group(model, process_group):
+    """The process group of the hook: the DDP model's own when none is given; a given group
+    must be the DDP model's."""
+    ddp_group = getattr(model, "process_group", None) if isinstance(
+        model, nn.parallel.DistributedDataParallel) else None
+    if process_group is None:
+        return ddp_group
+    if ddp_group is not None and process_group is not ddp_group:
+        raise ValueError("AdaCompState(process_group=...) is not the process group of the DDP model; "
+                         "the hook's collectives must run on the group DDP reduces over: leave "
+                         "process_group out (it is taken from model=) or pass model.process_group")
+    return process_group
+
+
 class AdaCompState(ExchangeState):
     """All mutable state of the AdaComp hook, in one checkpointable object.
 
     Args:
-        process_group: the group to reduce over (default: the world).
+        process_group: the group to reduce over (default: the DDP model's group if ``model``
+            is a ``DistributedDataParallel``, else the world). A group that is not the DDP
+            model's raises ``ValueError``.
         model: the (DDP-wrapped or plain) model, to name its parameters; or give
             ``named_parameters`` instead.
         bin_size, scale, values, min_numel, device: the compressor settings of
@@ -61,26 +78,33 @@ class AdaCompState(ExchangeState):
             per bucket and step, the cheapest under ``cost_model``).
         cost_model: :class:`adacomp.parallel.exchange.CostModel` (link bandwidth and latency) for
             ``exchange="auto"``.
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: residues follow its
+            scale (docs/algorithm.md, loss scaling).
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
+
+    Parameters are bound by identity (``model.to(...)``, ``.half()`` keep them bound). A
+    state that was pickled or copied (``torch.save`` / ``torch.load``) is not bound to any
+    model: call :meth:`bind` with the new model before training, or the first ``backward()``
+    raises on every rank.
     """
 
     __slots__ = [
         # tuned knobs
         "bin_size", "scale", "values", "min_numel", "start_iter", "exchange", "cost_model",
         # switches and plumbing
-        "process_group", "log_every", "_param_names",
+        "process_group", "log_every", "_param_names", "_model_ref", "scaler",
         # internal state
-        "compressor", "owner", "iter", "traffic",
+        "compressor", "owner", "iter", "traffic", "ledger", "residue_scale", "owner_pending",
     ]
 
     def __init__(self, process_group=None, model: nn.Module | None = None, *, named_parameters=None,
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | None = None, log_every: int = 100, device=None):
+                 cost_model: CostModel | None = None, log_every: int = 100, device=None, scaler=None):
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
-        self.process_group = process_group
+        self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
         self.start_iter = start_iter
         self.exchange = check_exchange(exchange)
@@ -89,36 +113,75 @@ class AdaCompState(ExchangeState):
         self.log_every = log_every
         self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
                                   min_numel=min_numel, device=device)
-        self._param_names = {}
-        for name, p in _named_parameters(model, named_parameters):
-            self._param_names[p.data_ptr()] = name
         self.iter = 0
         self.traffic = TrafficStats()
+        self.ledger = StepLedger()
+        self.residue_scale = None
+        self.owner_pending = {}
+        self.scaler = None
+        self.set_scaler(scaler)
+        self._param_names = {}
+        self._model_ref = None
+        self.bind(model, named_parameters=named_parameters)
 
     # -- naming -------------------------------------------------------------------------
+    def bind(self, model: nn.Module | None = None, *, named_parameters=None) -> None:
+        """Name the parameters of ``model`` (or ``named_parameters``) for the hook: call it
+        after loading a pickled state (``torch.load``) into a new run, before training."""
+        named = _named_parameters(model, named_parameters)
+        self._param_names = {id(p): (p, name) for name, p in named}
+        # Re-walk the model on a miss (parameters replaced since) only when it named them.
+        self._model_ref = weakref.ref(model) if model is not None and named_parameters is None else None
+        if isinstance(model, nn.parallel.DistributedDataParallel) and self.process_group is None:
+            self.process_group = model.process_group
+
     def name_of(self, param: torch.Tensor) -> str:
-        name = self._param_names.get(param.data_ptr())
-        if name is None:
-            raise KeyError(f"AdaComp hook: a parameter of shape {tuple(param.shape)} is not among the "
-                           "parameters given to AdaCompState (pass the model that DDP wraps)")
-        return name
+        """The name of ``param`` (a parameter of the bound model). Raises ``KeyError``."""
+        hit = self._param_names.get(id(param))
+        if hit is not None and hit[0] is param:
+            return hit[1]
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None:  # parameters were replaced since: bind again
+            self.bind(model)
+            hit = self._param_names.get(id(param))
+            if hit is not None and hit[0] is param:
+                return hit[1]
+        if not self._param_names:
+            raise KeyError("AdaCompState is not bound to a model's parameters (it was unpickled or "
+                           "copied): call state.bind(ddp_model) after loading it and before training")
+        raise KeyError(f"AdaComp hook: a parameter of shape {tuple(param.shape)} is not among the "
+                       "parameters given to AdaCompState (pass the model that DDP wraps, or call "
+                       "state.bind(ddp_model))")
+
+    def _identity(self) -> dict:
+        if not dist.is_available() or not dist.is_initialized():
+            return {"world": None, "rank": None}
+        group = _group(self)
+        return {"world": dist.get_world_size(group), "rank": dist.get_rank(group)}
 
     # -- step counter (advances on the last bucket, as PowerSGD's) -----------------------
     def maybe_increase_iter(self, bucket) -> None:
         if bucket.is_last():
-            self.iter += 1
-            self.traffic.end_step()
+            self.end_step()
             if self.log_every and self.iter % self.log_every == 0:
                 logger.info("AdaComp %s", self.traffic.format())
 
     def __getstate__(self):
-        # The process group cannot be pickled (as PowerSGD's state).
-        return {s: getattr(self, s) for s in self.__slots__ if s != "process_group"}
+        # The process group cannot be pickled (as PowerSGD's state); the parameter bindings
+        # are for one model in one process (bind() again after loading).
+        skip = ("process_group", "_param_names", "_model_ref", "scaler")
+        return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
+        self._param_names = {}
+        self._model_ref = None
         for k, v in state.items():
             setattr(self, k, v)
+        for k, default in (("ledger", StepLedger), ("scaler", lambda: None),
+                           ("residue_scale", lambda: None), ("owner_pending", dict)):
+            if not hasattr(self, k):
+                setattr(self, k, default())
 
 
 # all_gather_single is the new name of all_gather_into_tensor (deprecated in recent PyTorch).
@@ -143,11 +206,36 @@ def _group(state):
     return state.process_group if state.process_group is not None else dist.group.WORLD
 
 
+def _sparse_allreduce(state, bucket, group, world):
+    """A bucket of sparse gradients (``nn.Embedding(sparse=True)``): averaged uncompressed,
+    as PyTorch's default hook does; it has no residue."""
+    buf = bucket.buffer()
+    for p in bucket.parameters():
+        state.traffic.add("dense", p.numel() * 4, 0)
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+
+    def average(f):
+        return f.value()[0].div_(world)
+
+    return fut.then(average)
+
+
 def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook running AdaComp on every gradient of ``bucket``."""
+    """DDP communication hook running AdaComp on every gradient of ``bucket``.
+
+    Returns a future of the bucket's flat buffer holding the averaged gradients. Raises
+    :class:`adacomp.parallel.ConfigMismatchError` on every rank when the ranks' settings
+    differ or a rank failed before the exchange (that rank raises its own error).
+    """
     group = _group(state)
     world = dist.get_world_size(group)
     buf = bucket.buffer()
+    state.begin_step()
+
+    if buf.is_sparse:
+        out = _sparse_allreduce(state, bucket, group, world)
+        state.maybe_increase_iter(bucket)
+        return out
 
     if state.iter < state.start_iter:
         for g in bucket.gradients():
@@ -161,17 +249,29 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
         return fut.then(average)
 
     grads = bucket.gradients()
-    names = [state.name_of(p) for p in bucket.parameters()]
-    ex = state.group_exchange(names, grads, world, dist.get_rank(group))
-    # The size exchange (and, in sharded mode, the all-to-all to the owners and the owners'
-    # sizes) is waited for here, on the thread that runs the hooks, on purpose: issuing
-    # collectives from a Future callback instead would let them interleave with the next
-    # bucket's collectives in a different order on different ranks. The last transfers
-    # below stay asynchronous and overlap with the backward pass.
-    ex.decide(_allgather_int64(ex.meta(), world, group))  # raises on every rank if configs differ
-    if ex.mode == "sharded":
-        ex.reduce_owned(_alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes(), group))
-        ex.set_owner_sizes(_allgather_int64(ex.owner_sizes(), world, group))
+    try:
+        names = [state.name_of(p) for p in bucket.parameters()]
+        ex = state.group_exchange(names, grads, world, dist.get_rank(group))
+    except Exception:
+        # Tell the other ranks (they raise ConfigMismatchError), then raise this rank's error.
+        state.abort_step()
+        meta = error_meta(len(grads), world, device=buf.device)
+        all_meta = _allgather_int64(meta, world, group)
+        check_headers(all_meta, world, len(grads), 1, local_error=True)
+        raise
+    try:
+        # The size exchange (and, in sharded mode, the all-to-all to the owners and the
+        # owners' sizes) is waited for here, on the thread that runs the hooks, on purpose:
+        # issuing collectives from a Future callback instead would let them interleave with
+        # the next bucket's collectives in a different order on different ranks. The last
+        # transfers below stay asynchronous and overlap with the backward pass.
+        ex.decide(_allgather_int64(ex.meta(), world, group))  # raises on every rank if configs differ
+        if ex.mode == "sharded":
+            ex.reduce_owned(_alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes(), group))
+            ex.set_owner_sizes(_allgather_int64(ex.owner_sizes(), world, group))
+    except Exception:
+        state.abort_step()
+        raise
     futures = []
     gathered = dense = None
     mine = ex.payload_buffer()
@@ -184,6 +284,8 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
         futures.append(dist.all_reduce(dense, group=group, async_op=True).get_future())
 
     ex.account(state.traffic)
+    # The last bucket closes the step: every bucket's residue updates are committed now, or
+    # all kept back if any rank saw a non-finite value in any tensor of the step.
     state.maybe_increase_iter(bucket)
 
     def finish(_):

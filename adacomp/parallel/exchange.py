@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,19 @@ from ..compressor import AdaComp
 from ..payload import Payload, decompress_sum, shard_bounds
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 
-META_MAGIC = 0xADAC02
-META_FIXED = 4  # magic, config hash, number of tensors, pieces per tensor
+META_MAGIC = 0xADAC03
+#: The fixed-size header of the meta vector: magic, config hash, number of tensors, pieces
+#: per tensor, status (0, or :data:`STATUS_LOCAL_ERROR` when this rank failed before the
+#: exchange). Transports where ranks may disagree on the number of tensors exchange it
+#: first (:func:`run_exchange`), so a mismatch is a clear error and not a failed collective.
+META_FIXED = 5
+STATUS_OK, STATUS_LOCAL_ERROR = 0, 1
+#: Per-tensor flag bits of the meta vector.
+FLAG_NONFINITE, FLAG_ZERO = 1, 2
 
-DENSE_RULE, COMPRESSED, DENSE_FALLBACK, NONFINITE = 0, 1, 2, 3
+DENSE_RULE, COMPRESSED, DENSE_FALLBACK, NONFINITE, ZERO = 0, 1, 2, 3, 4
 DECISION_NAMES = {DENSE_RULE: "dense", COMPRESSED: "compressed", DENSE_FALLBACK: "dense-fallback",
-                  NONFINITE: "non-finite"}
+                  NONFINITE: "non-finite", ZERO: "zero"}
 EXCHANGES = ("allgather", "sharded", "auto")
 
 
@@ -137,7 +145,11 @@ class Transport:
 
 
 def run_exchange(ex: GroupExchange, transport: Transport, stats: TrafficStats) -> None:
-    """Run the whole protocol of :class:`GroupExchange` ``ex`` over ``transport``."""
+    """Run the whole protocol of :class:`GroupExchange` ``ex`` over ``transport``: the
+    fixed-size header first (so ranks that disagree on the tensors raise
+    :class:`ConfigMismatchError` together instead of failing inside a collective), then the
+    sizes, the payloads and the dense sum."""
+    check_headers(transport.allgather_int64(ex.header()), ex.world, len(ex.grads), ex.pieces)
     ex.decide(transport.allgather_int64(ex.meta()))
     if ex.mode == "sharded":
         received = transport.alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes())
@@ -152,13 +164,99 @@ def run_exchange(ex: GroupExchange, transport: Transport, stats: TrafficStats) -
     ex.finish(gathered, dense_sum)
 
 
+def error_header(num_tensors: int, pieces: int = 1) -> torch.Tensor:
+    """The header a rank sends when it failed before it could build its exchange, so that
+    the other ranks raise too (:func:`check_headers`) instead of waiting for it."""
+    return torch.tensor([META_MAGIC, 0, num_tensors, pieces, STATUS_LOCAL_ERROR], dtype=torch.int64)
+
+
+def error_meta(num_tensors: int, world: int, pieces: int = 1, device=None) -> torch.Tensor:
+    """:func:`error_header` padded to the length of a full meta vector of ``num_tensors``
+    (for transports that need equal lengths on every rank, as the DDP hook's all-gather)."""
+    m = torch.zeros(META_FIXED + (world + 1) * num_tensors, dtype=torch.int64)
+    m[:META_FIXED] = error_header(num_tensors, pieces)
+    return m.to(device) if device is not None else m
+
+
+def check_headers(all_headers: torch.Tensor, world: int, num_tensors: int, pieces: int,
+                  local_error: bool = False) -> None:
+    """Raise :class:`ConfigMismatchError` on every rank if a rank reported a local error or
+    ranks disagree on the number of tensors or the exchange mode. ``all_headers``: the
+    all-gathered :meth:`GroupExchange.header` (``[W, META_FIXED]``, or full meta vectors,
+    whose first columns are the header). A rank with ``local_error`` returns without
+    raising (it raises its own error)."""
+    h = all_headers.reshape(world, -1)[:, :META_FIXED].cpu()
+    failed = [r for r in range(world) if int(h[r, 4]) != STATUS_OK or int(h[r, 0]) != META_MAGIC]
+    if local_error:
+        return
+    if failed:
+        raise ConfigMismatchError(
+            f"AdaComp: rank(s) {failed} failed before this exchange (see the traceback on that "
+            "rank); every rank stops here instead of waiting for it")
+    counts = h[:, 2].tolist()
+    if any(c != num_tensors for c in counts) or bool((h[:, 3] != pieces).any()):
+        raise ConfigMismatchError(
+            f"AdaComp: ranks disagree on the tensors exchanged together (tensors per rank: "
+            f"{counts}) or on the exchange mode (pieces per tensor: {h[:, 3].tolist()}); every "
+            "rank must exchange the same named parameters with the same settings (a parameter "
+            "whose .grad is None on some ranks only is a common cause)")
+
+
+class StepLedger:
+    """The residue updates of one training step, held until the step's last exchange.
+
+    A step is applied whole or not at all (docs/algorithm.md, step atomicity): the
+    exchanges of a step add their pending residue updates here, and :meth:`close` commits
+    them all, or discards them all when any rank saw a non-finite value in any tensor of
+    the step (the step that ``GradScaler`` skips)."""
+
+    __slots__ = ("entries", "names", "bad", "open")
+
+    def __init__(self):
+        self.entries: list = []
+        self.names: set = set()
+        self.bad = False
+        self.open = False
+
+    def add(self, comp: AdaComp, pending) -> None:
+        if pending is None:
+            return
+        name = pending[0]
+        key = (id(comp), name)
+        if key in self.names:
+            comp.discard(pending)
+            raise ValueError(f"AdaComp: {name!r} is exchanged twice in one step; each parameter "
+                             "goes into one exchange per step (gradient accumulation sums first)")
+        self.names.add(key)
+        self.entries.append((comp, pending))
+
+    def close(self) -> bool:
+        """Commit (or, if the step is bad, discard) every held update; returns whether the
+        updates were committed."""
+        commit = not self.bad
+        for comp, pending in self.entries:
+            (comp.commit if commit else comp.discard)(pending)
+        self._reset()
+        return commit
+
+    def abort(self) -> None:
+        """Discard every held update (the step failed)."""
+        self.bad = True
+        self.close()
+
+    def _reset(self):
+        self.entries, self.names, self.bad, self.open = [], set(), False, False
+
+
 class ExchangeState:
     """What every integration keeps per rank: the compressor (residues), the owner
     compressor of the sharded exchange (owner residues), the exchange mode and cost model,
-    the exchange counter and the traffic statistics; checkpointed together, one entry per
+    the step counter, the :class:`StepLedger` of the open step, the loss scaler whose scale
+    the residues follow, and the traffic statistics; checkpointed together, one entry per
     rank."""
 
-    __slots__ = ()  # subclasses declare compressor, owner, exchange, cost_model, iter, traffic
+    __slots__ = ()  # subclasses declare compressor, owner, exchange, cost_model, iter, traffic,
+    #                 ledger, scaler, residue_scale, owner_pending
 
     def owner_compressor(self) -> AdaComp:
         """The compressor holding this rank's owner residues (created on first use)."""
@@ -169,10 +267,79 @@ class ExchangeState:
         return self.owner
 
     def group_exchange(self, names, grads, world: int, rank: int, outputs=None) -> GroupExchange:
+        self.begin_step()
         return GroupExchange(self.compressor, names, grads, world, outputs=outputs, rank=rank,
                              exchange=self.exchange, owner=self.owner_compressor(),
-                             cost_model=self.cost_model)
+                             cost_model=self.cost_model, ledger=self.ledger,
+                             owner_pending=self.owner_pending)
 
+    # -- steps ------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Open a step (idempotent within a step): follow the loss scaler's scale."""
+        if self.ledger.open:
+            return
+        self.ledger.open = True
+        self.follow_loss_scale()
+
+    def end_step(self) -> bool:
+        """Close the step: commit its residue updates (or keep every residue if any rank saw
+        a non-finite value in any tensor of it), count it. Returns whether it committed."""
+        committed = self.ledger.close()
+        self.iter += 1
+        self.traffic.end_step()
+        return committed
+
+    def abort_step(self) -> None:
+        """The step failed (an error on some rank): every residue stays as it was."""
+        self.ledger.abort()
+
+    def run(self, names, grads, transport: Transport, outputs=None, *, end_step: bool = True):
+        """One exchange over a synchronous ``transport`` (Horovod, mpi4py), errors included:
+        a rank that fails while compressing still sends its header, marked failed, so every
+        other rank raises :class:`ConfigMismatchError` instead of waiting in a collective."""
+        try:
+            ex = self.group_exchange(names, grads, transport.world, transport.rank, outputs=outputs)
+        except Exception:
+            self.abort_step()
+            all_h = transport.allgather_int64(error_header(len(names)))
+            check_headers(all_h, transport.world, len(names), 1, local_error=True)
+            raise
+        try:
+            run_exchange(ex, transport, self.traffic)
+        except Exception:
+            self.abort_step()
+            raise
+        if end_step:
+            self.end_step()
+
+    # -- loss scaling -----------------------------------------------------------------------
+    def follow_loss_scale(self) -> None:
+        """Keep residues in the units of the gradients the loss scaler produces now.
+
+        Residues hold scaled gradient mass; when the scaler's scale changed since they were
+        last updated (growth every ``growth_interval`` steps, backoff on overflow), every
+        residue (owner residues included) is multiplied by ``new / old``: exact for the
+        scaler's power-of-two factors. Reads the scale once per step (``get_scale()``)."""
+        scaler = self.scaler
+        if scaler is None:
+            return
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+        old = self.residue_scale
+        if old is not None and scale != old:
+            factor = scale / old
+            self.compressor.scale_residues_(factor)
+            if self.owner is not None:
+                self.owner.scale_residues_(factor)
+        self.residue_scale = scale
+
+    def set_scaler(self, scaler) -> None:
+        """Follow ``scaler`` (a ``torch.amp.GradScaler``, or None): see
+        :meth:`follow_loss_scale`."""
+        if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "is_enabled")):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler
+
+    # -- statistics -------------------------------------------------------------------------
     def stats(self) -> dict:
         """Bytes, cumulative (``total``) and for the last step (``last_step``): dense fp32
         bytes, bytes handed to collectives, their ratio, split by kind of layer (``conv``,
@@ -187,39 +354,173 @@ class ExchangeState:
         d["last_choice"] = dict(self.traffic.last_choice)
         return d
 
+    # -- checkpoints ------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        """Where this state belongs: ``{"world": W, "rank": r}`` of its process group
+        (subclasses know it; ``None`` values when unknown)."""
+        return {"world": None, "rank": None}
+
     def state_dict(self) -> dict:
-        """This rank's residues, owner residues, step counter and statistics (save one per
-        rank)."""
-        return {"compressor": self.compressor.state_dict(), "iter": self.iter,
-                "stats": self.traffic.state_dict(), "exchange": self.exchange,
-                "owner": self.owner.state_dict() if self.owner is not None else None}
+        """This rank's residues, owner residues, step counter, loss scale of the residues and
+        statistics, with the world size, rank and exchange they belong to (save one per
+        rank; :func:`reshard_state_dicts` moves a run to another world size)."""
+        if self.ledger.entries:
+            raise RuntimeError("AdaComp state_dict() in the middle of a step (between the first "
+                               "and the last bucket's exchange): save after optimizer.step()")
+        ident = self._identity()
+        return {"format": STATE_FORMAT, "world": ident["world"], "rank": ident["rank"],
+                "exchange": self.exchange, "compressor": self.compressor.state_dict(),
+                "iter": self.iter, "stats": self.traffic.state_dict(),
+                "residue_scale": self.residue_scale,
+                "owner": self.owner.state_dict() if self.owner is not None else None,
+                "owner_pending": {k: v.clone() for k, v in self.owner_pending.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` saved on this rank of a run of the same world size.
+
+        Raises ``ValueError`` when the state was saved by another rank, another world size or
+        another exchange mode (use :func:`reshard_state_dicts` to change the world size)."""
+        if not isinstance(state, dict) or "compressor" not in state:
+            raise ValueError("not an AdaComp exchange state_dict (no 'compressor' entry)")
+        ident = self._identity()
+        saved_world, saved_rank = state.get("world"), state.get("rank")
+        if ident["world"] is not None and saved_world is not None:
+            if saved_world != ident["world"]:
+                raise ValueError(
+                    f"AdaComp state_dict was saved in a run of {saved_world} ranks; this run has "
+                    f"{ident['world']}. Residues are per rank (and owner residues per shard): "
+                    "convert the saved states of all ranks with "
+                    "adacomp.parallel.exchange.reshard_state_dicts(states, new_world) first")
+            if saved_rank != ident["rank"]:
+                raise ValueError(
+                    f"AdaComp state_dict was saved by rank {saved_rank}; this is rank "
+                    f"{ident['rank']}. Save one state per rank and load each rank's own")
+        if state.get("exchange", self.exchange) != self.exchange:
+            raise ValueError(f"AdaComp state_dict was saved with exchange={state['exchange']!r}; "
+                             f"this state has exchange={self.exchange!r}")
         self.compressor.load_state_dict(state["compressor"])
         self.iter = int(state["iter"])
         self.traffic.load_state_dict(state["stats"])
+        self.residue_scale = state.get("residue_scale")
         owner = state.get("owner")
         self.owner = None
         if owner is not None:
             self.owner_compressor().load_state_dict(owner)
+        self.owner_pending = {k: v.detach().reshape(-1).float().clone()
+                              for k, v in (state.get("owner_pending") or {}).items()}
+        self.ledger = StepLedger()
+
+
+STATE_FORMAT = 2
+
+
+def reshard_state_dicts(states: list[dict], new_world: int) -> list[dict]:
+    """Move the saved AdaComp states of every rank of a run to a run of ``new_world`` ranks
+    (an elastic restart, ``torchrun --nnodes 1:4``), preserving the pending gradient mass.
+
+    ``states``: the :meth:`ExchangeState.state_dict` of every rank, in rank order. Returns
+    one state per new rank. What is preserved, exactly up to fp32 rounding: the mean of the
+    first-level residues (every new rank starts from the old ranks' mean residue) and, for
+    the sharded exchange, the sum of the owner residues (each parameter's owner residues are
+    put together into one vector and split again at the first use, along the new world's
+    shard bounds). The step counter and statistics of rank 0 carry over.
+
+    Raises ``ValueError`` if the states are not one per rank of one run.
+    """
+    if not states:
+        raise ValueError("reshard_state_dicts needs the saved states of every rank")
+    if isinstance(new_world, bool) or not isinstance(new_world, int) or new_world < 1:
+        raise ValueError(f"new_world must be a positive int, got {new_world!r}")
+    W = len(states)
+    worlds = {s.get("world") for s in states}
+    if worlds != {W} or [s.get("rank") for s in states] != list(range(W)):
+        raise ValueError(f"reshard_state_dicts needs one state per rank, in rank order, of one run: "
+                         f"got {len(states)} states with world sizes {sorted(map(str, worlds))} and "
+                         f"ranks {[s.get('rank') for s in states]}")
+    cfgs = {repr(s["compressor"]["config"]) for s in states}
+    if len(cfgs) != 1 or len({s.get("exchange") for s in states}) != 1:
+        raise ValueError("reshard_state_dicts: the ranks' states have different settings")
+    scales = {s.get("residue_scale") for s in states}
+    if len(scales) != 1:
+        raise ValueError(f"reshard_state_dicts: the ranks' residues are at different loss scales {scales}")
+    if any(s.get("owner_pending") for s in states):
+        raise ValueError("reshard_state_dicts: these states were resharded and have not trained a "
+                         "step since; reshard the states they came from instead")
+    first = states[0]["compressor"]
+    residues = {}
+    for name in first["residues"]:
+        acc = torch.zeros_like(first["residues"][name], dtype=torch.float64)
+        for s in states:
+            acc += s["compressor"]["residues"][name].double()
+        residues[name] = (acc / W).float()
+    owner_full: dict[str, torch.Tensor] = {}
+    for s in states:
+        for key, r in ((s.get("owner") or {}).get("residues") or {}).items():
+            name, start, end = parse_owner_key(key)
+            if name not in first["shapes"]:
+                raise ValueError(f"reshard_state_dicts: owner residue {key!r} names no known parameter")
+            full = owner_full.setdefault(name, torch.zeros(math.prod(first["shapes"][name])))
+            full[start:end] += r.reshape(-1)
+    out = []
+    for r in range(new_world):
+        comp = {"config": first["config"], "shapes": dict(first["shapes"]),
+                "residues": {k: v.clone() for k, v in residues.items()}}
+        # Every new rank gets each parameter's whole owner residue; at its first sharded
+        # exchange each owner keeps only its new shard's part, so their sum is preserved.
+        out.append({"format": STATE_FORMAT, "world": new_world, "rank": r,
+                    "exchange": states[0].get("exchange"), "compressor": comp,
+                    "iter": states[0]["iter"], "stats": states[0]["stats"],
+                    "residue_scale": states[0].get("residue_scale"), "owner": None,
+                    "owner_pending": {k: v.clone() for k, v in owner_full.items()}})
+    return out
 
 
 class PlainExchangeState(ExchangeState):
     """An :class:`ExchangeState` holder for integrations that are not one themselves."""
 
-    __slots__ = ("compressor", "owner", "exchange", "cost_model", "iter", "traffic")
+    __slots__ = ("compressor", "owner", "exchange", "cost_model", "iter", "traffic", "ledger",
+                 "scaler", "residue_scale", "owner_pending", "world", "rank")
 
-    def __init__(self, compressor: AdaComp, exchange: str = "auto", cost_model: CostModel | None = None):
+    def __init__(self, compressor: AdaComp, exchange: str = "auto", cost_model: CostModel | None = None,
+                 *, scaler=None, world: int | None = None, rank: int | None = None):
         self.compressor = compressor
         self.owner = None
         self.exchange = check_exchange(exchange)
         self.cost_model = cost_model or CostModel()
         self.iter = 0
         self.traffic = TrafficStats()
+        self.ledger = StepLedger()
+        self.scaler = None
+        self.set_scaler(scaler)
+        self.residue_scale = None
+        self.owner_pending = {}
+        self.world, self.rank = world, rank
+
+    def _identity(self) -> dict:
+        return {"world": self.world, "rank": self.rank}
 
 
 class ConfigMismatchError(RuntimeError):
     """The ranks do not run the same AdaComp configuration or parameter set."""
+
+
+def _dense_flags(g: torch.Tensor) -> int:
+    """Meta flags of a tensor sent dense: non-finite, or all zero."""
+    if g.numel() == 0:
+        return FLAG_ZERO
+    amax = float(g.detach().abs().amax())
+    if not math.isfinite(amax):
+        return FLAG_NONFINITE
+    return FLAG_ZERO if amax == 0 else 0
+
+
+def _all_zero(g: torch.Tensor) -> bool:
+    """Whether every element of ``g`` is zero (a quick look at the head first: a gradient
+    that is used almost never starts with 256 zeros, so the full pass is rare)."""
+    flat = g.detach().reshape(-1)
+    if bool(flat[:256].any()):
+        return False
+    return not bool(flat.any())
 
 
 def config_hash(comp: AdaComp, names, grads, bins, exchange: str) -> int:
@@ -234,6 +535,13 @@ def owner_key(name: str, start: int, end: int) -> str:
     return f"{name}@shard[{start}:{end}]"
 
 
+def parse_owner_key(key: str) -> tuple[str, int, int]:
+    """Inverse of :func:`owner_key`."""
+    name, _, rng = key.rpartition("@shard[")
+    start, _, end = rng.rstrip("]").partition(":")
+    return name, int(start), int(end)
+
+
 class GroupExchange:
     """One rank's side of exchanging ``grads`` (named ``names``) with AdaComp.
 
@@ -245,9 +553,12 @@ class GroupExchange:
     def __init__(self, comp: AdaComp, names: list[str], grads: list[torch.Tensor], world: int,
                  outputs: list[torch.Tensor] | None = None, *, rank: int = 0,
                  exchange: str = "allgather", owner: AdaComp | None = None,
-                 cost_model: CostModel | None = None):
+                 cost_model: CostModel | None = None, ledger: StepLedger | None = None,
+                 owner_pending: dict | None = None):
         if len(names) != len(grads):
-            raise ValueError("one name per gradient")
+            raise ValueError(f"one name per gradient: {len(names)} names for {len(grads)} gradients")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a parameter name appears twice in one exchange: {sorted(names)}")
         check_exchange(exchange)
         if exchange != "allgather" and owner is None:
             raise ValueError(f"exchange={exchange!r} needs the owner compressor (owner=...)")
@@ -262,32 +573,40 @@ class GroupExchange:
         self.rank = rank
         self.exchange = exchange
         self.cost_model = cost_model or CostModel()
+        # Without a ledger the exchange is its own step: residues are committed in decide().
+        self.ledger = ledger
+        self.owner_pending = owner_pending if owner_pending is not None else {}
         self.split = exchange != "allgather"  # payloads split into one piece per shard
         self.pieces = world if self.split else 1
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
         self.payloads: list[list[Payload] | None] = []
         self.pending = []
         flags, sizes = [], []
-        for n, g, b in zip(self.names, self.grads, self.bins):
-            if b is None:
-                self.payloads.append(None)
-                self.pending.append(None)
-                sizes += [-1] * world
-                flags.append(0)  # NaN/Inf in a dense tensor propagates through the allreduce
-                continue
-            if self.split:
-                ps, pend = comp.prepare_split(n, g, self.pieces)
-            else:
-                p, pend = comp.prepare(n, g)
-                ps = [p]
-            self.payloads.append(ps)
-            self.pending.append(pend)
-            sizes += [p.nbytes for p in ps] + [0] * (world - len(ps))
-            flags.append(int(ps[0].nonfinite))
+        try:
+            for n, g, b in zip(self.names, self.grads, self.bins):
+                if b is None:
+                    self.payloads.append(None)
+                    self.pending.append(None)
+                    sizes += [-1] * world
+                    flags.append(_dense_flags(g))
+                    continue
+                if self.split:
+                    ps, pend = comp.prepare_split(n, g, self.pieces)
+                else:
+                    p, pend = comp.prepare(n, g)
+                    ps = [p]
+                self.payloads.append(ps)
+                self.pending.append(pend)
+                sizes += [p.nbytes for p in ps] + [0] * (world - len(ps))
+                flags.append(FLAG_NONFINITE if ps[0].nonfinite else (FLAG_ZERO if _all_zero(g) else 0))
+        except BaseException:
+            self._discard_all()
+            raise
         self.hash = config_hash(comp, self.names, self.grads, self.bins, exchange)
         device = grads[0].device if grads else torch.device("cpu")
-        self._meta = torch.tensor([META_MAGIC, self.hash, len(self.grads), self.pieces] + sizes + flags,
-                                  dtype=torch.int64, device=device)
+        self._meta = torch.tensor([META_MAGIC, self.hash, len(self.grads), self.pieces, STATUS_OK]
+                                  + sizes + flags, dtype=torch.int64, device=device)
+        self.owner_pending_used: list[str] = []
         self.decisions: list[int] | None = None
         self.mode = None
         self.owner_payloads: list[Payload] = []
@@ -298,18 +617,27 @@ class GroupExchange:
         """int64 vector to all-gather (same length on every rank with the same bucket)."""
         return self._meta
 
+    def header(self) -> torch.Tensor:
+        """The fixed-size first :data:`META_FIXED` entries of :meth:`meta` (same length on
+        every rank whatever it exchanges)."""
+        return self._meta[:META_FIXED]
+
     # -------------------------------------------------------------- step 2: decisions
     def decide(self, all_meta: torch.Tensor) -> list[int]:
         """Check configurations and decide each tensor's fate, and the exchange, from every
         rank's meta."""
-        m = all_meta.reshape(self.world, -1).cpu()
         T, S, W = len(self.grads), self.pieces, self.world
-        if (m.shape[1] != META_FIXED + (W + 1) * T or bool((m[:, 0] != META_MAGIC).any())
-                or bool((m[:, 3] != S).any())):
+        m = all_meta.reshape(self.world, -1).cpu()
+        try:
+            check_headers(m, W, T, S)
+        except ConfigMismatchError:
+            self._discard_all()
+            raise
+        if m.shape[1] != META_FIXED + (W + 1) * T:
             self._discard_all()
             raise ConfigMismatchError(
-                f"AdaComp: ranks disagree on the tensors exchanged together ({T} here) or on the "
-                "exchange mode; every rank must wrap the same model with the same settings")
+                f"AdaComp: ranks disagree on the tensors exchanged together ({T} here); every "
+                "rank must wrap the same model with the same settings")
         if bool((m[:, 1] != m[0, 1]).any()) or bool((m[:, 2] != T).any()):
             self._discard_all()
             bad = [r for r in range(self.world) if int(m[r, 1]) != int(m[0, 1])]
@@ -323,8 +651,10 @@ class GroupExchange:
         self.sizes = sizes
         decisions = []
         for t in range(T):
-            if bool(flags[:, t].any()):
+            if bool(((flags[:, t] & FLAG_NONFINITE) != 0).any()):
                 decisions.append(NONFINITE)
+            elif bool(((flags[:, t] & FLAG_ZERO) != 0).all()):
+                decisions.append(ZERO)  # nobody touched it: zero out, residue kept
             elif self.bins[t] is None:
                 decisions.append(DENSE_RULE)
             elif int(sizes[:, t, :].sum(dim=1).max()) >= self.grads[t].numel() * self.grads[t].element_size():
@@ -338,7 +668,22 @@ class GroupExchange:
                 decisions[t] = DENSE_FALLBACK
             comp_t = []
         for t in range(T):
-            (self.comp.commit if decisions[t] == COMPRESSED else self.comp.discard)(self.pending[t])
+            if decisions[t] != COMPRESSED:
+                self.comp.discard(self.pending[t])
+                self.pending[t] = None
+        self.nonfinite = NONFINITE in decisions
+        if self.ledger is None:  # the exchange is the whole step
+            for t in range(T):
+                (self.comp.discard if self.nonfinite else self.comp.commit)(self.pending[t])
+        else:
+            if self.nonfinite:
+                self.ledger.bad = True
+            try:
+                for t in range(T):
+                    self.ledger.add(self.comp, self.pending[t])
+            except ValueError:
+                self.pending = [None] * T
+                raise
         self.pending = [None] * T
         self.decisions = decisions
         self.compressed = comp_t
@@ -377,8 +722,8 @@ class GroupExchange:
 
     def reduce_owned(self, received: list[torch.Tensor]) -> None:
         """As owner of shard ``rank``: decode every rank's shard payloads (rank order),
-        average, and re-compress with the owner residues (committed at once: the owner's
-        payload is always used)."""
+        average, and re-compress with the owner residues (committed with the step's other
+        residue updates)."""
         W, me = self.world, self.rank
         offsets = [0] * W
         self.owner_payloads = []
@@ -387,25 +732,47 @@ class GroupExchange:
             plist = []
             for r in range(W):
                 size = int(self.sizes[r, t, me])
-                plist.append(Payload.from_tensor(received[r][offsets[r]:offsets[r] + size]))
+                plist.append(Payload.from_tensor(received[r][offsets[r]:offsets[r] + size],
+                                                 shape=(end - start,)))
                 offsets[r] += size
             avg = torch.zeros(end - start, dtype=torch.float32, device=self._device())
             decompress_sum(plist, avg, name=self.names[t])
             if end == start:  # fewer bins than ranks: nothing to own (and no residue to keep)
                 self.owner_payloads.append(plist[0])
+                if self.names[t] in self.owner_pending:
+                    self.owner_pending_used.append(self.names[t])
                 continue
             avg.div_(W)
-            p, pend = self.owner.prepare(owner_key(self.names[t], start, end), avg,
-                                         bin_size=max(1, min(self.bins[t], end - start)))
-            self.owner.commit(pend)
+            key = owner_key(self.names[t], start, end)
+            seed = self.owner_pending.get(self.names[t])
+            if seed is not None and key not in self.owner.names():
+                # owner residue carried over from a run of another world size
+                self.owner.set_residue(key, seed[start:end].to(avg.device))
+                self.owner_pending_used.append(self.names[t])
+            p, pend = self.owner.prepare(key, avg, bin_size=max(1, min(self.bins[t], end - start)))
+            if self.ledger is None:
+                self.owner.commit(pend)
+            else:
+                self.ledger.add(self.owner, pend)
             self.owner_payloads.append(p)
+        for name in self.owner_pending_used:
+            self.owner_pending.pop(name, None)
 
     def owner_sizes(self) -> torch.Tensor:
-        return torch.tensor([p.nbytes for p in self.owner_payloads], dtype=torch.int64,
-                            device=self._device())
+        """This owner's payload sizes, then their non-finite flags (the average of finite
+        shards can overflow), one each per compressed tensor."""
+        sizes = [p.nbytes for p in self.owner_payloads]
+        flags = [int(p.nonfinite) for p in self.owner_payloads]
+        return torch.tensor(sizes + flags, dtype=torch.int64, device=self._device())
 
     def set_owner_sizes(self, all_sizes: torch.Tensor) -> None:
-        self.owner_size_table = all_sizes.reshape(self.world, -1).cpu()
+        table = all_sizes.reshape(self.world, -1).cpu()
+        n = len(self.compressed)
+        self.owner_size_table = table[:, :n]
+        if bool(table[:, n:].any()):  # an owner's average overflowed: the step is skipped
+            self.nonfinite = True
+            if self.ledger is not None:
+                self.ledger.bad = True
 
     # -------------------------------------------------------------- step 3: buffers
     def gather_sizes(self) -> list[int]:
@@ -459,8 +826,8 @@ class GroupExchange:
             rows = [gathered[r] for r in range(W)]
             offsets = [0] * W
 
-            def take(r, size):
-                p = Payload.from_tensor(rows[r][offsets[r]:offsets[r] + size])
+            def take(r, size, shape):
+                p = Payload.from_tensor(rows[r][offsets[r]:offsets[r] + size], shape=shape)
                 offsets[r] += size
                 return p
 
@@ -469,13 +836,14 @@ class GroupExchange:
                 nonfinite = False
                 if self.mode == "sharded":  # rank s holds the averaged shard s
                     for s, (start, end) in enumerate(self.bounds[t]):
-                        p = take(s, int(self.owner_size_table[s, i]))
+                        p = take(s, int(self.owner_size_table[s, i]), (end - start,))
                         nonfinite |= p.nonfinite
                         decompress_sum([p], out[start:end], name=self.names[t])
                 else:
                     pieces = self.bounds[t] if self.split else [(0, out.numel())]
                     for s, (start, end) in enumerate(pieces):
-                        plist = [take(r, int(self.sizes[r, t, s])) for r in range(W)]
+                        shape = (end - start,) if self.split else tuple(self.grads[t].shape)
+                        plist = [take(r, int(self.sizes[r, t, s]), shape) for r in range(W)]
                         if not self.split:
                             decompress_sum(plist, out.view(self.grads[t].shape), name=self.names[t])
                         else:
@@ -494,6 +862,8 @@ class GroupExchange:
         for t, d in enumerate(self.decisions):
             if d == NONFINITE:
                 self.outputs[t].fill_(float("nan"))
+            elif d == ZERO:
+                self.outputs[t].zero_()
 
     def account(self, stats: TrafficStats, padded: bool = True) -> None:
         """Add this exchange's bytes to ``stats``: bytes handed to collectives by this rank
@@ -517,8 +887,9 @@ class GroupExchange:
                 stats.add(layer_kind(g.shape), dense_b, size)
             elif d in (DENSE_RULE, DENSE_FALLBACK):
                 stats.add("dense", dense_b, g.numel() * g.element_size())
-            else:
+            elif d == NONFINITE:
                 stats.add("dense", dense_b, 0)
+            # ZERO: nothing sent, and not counted as compressed
         received = 0
         meta_bytes = self._meta.numel() * 8
         overhead = meta_bytes
@@ -530,8 +901,8 @@ class GroupExchange:
             if sharded:
                 from_others = self.alltoall_recv_sizes()
                 received += sum(from_others) - from_others[me]
-                overhead += 8 * len(self.compressed)
-                received += (W - 1) * 8 * len(self.compressed)
+                overhead += 16 * len(self.compressed)
+                received += (W - 1) * 16 * len(self.compressed)
                 mine = sizes[me]
             else:
                 mine = own

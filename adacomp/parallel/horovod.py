@@ -27,7 +27,7 @@ import contextlib
 import torch
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import CostModel, PlainExchangeState, Transport, run_exchange
+from .exchange import CostModel, PlainExchangeState, Transport
 
 
 def _hvd():
@@ -73,7 +73,7 @@ class _AdaCompOptimizerMixin:
     """Methods mixed into a subclass of the user's optimizer class (as Horovod does)."""
 
     def _adacomp_init(self, named_parameters, backward_passes_per_step, compressor, start_iter,
-                      prefix, exchange, cost_model):
+                      prefix, exchange, cost_model, scaler=None):
         params = [p for group in self.param_groups for p in group["params"]]
         if named_parameters is not None:
             named = list(named_parameters)
@@ -93,7 +93,9 @@ class _AdaCompOptimizerMixin:
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self._adacomp_names = names
-        self._adacomp_state = PlainExchangeState(compressor, exchange, cost_model)
+        hvd = _hvd()
+        self._adacomp_state = PlainExchangeState(compressor, exchange, cost_model, scaler=scaler,
+                                                 world=hvd.size(), rank=hvd.rank())
         self.backward_passes_per_step = backward_passes_per_step
         self._adacomp_start_iter = start_iter
         self._adacomp_synchronized = False
@@ -110,14 +112,13 @@ class _AdaCompOptimizerMixin:
         names = [n for n, _ in named]
         grads = [p.grad for _, p in named]
         world = hvd.size()
-        if self._adacomp_state.iter < self._adacomp_start_iter:
+        state = self._adacomp_state
+        if state.iter < self._adacomp_start_iter:
+            state.begin_step()
             self._dense_average(grads, world)
+            state.end_step()
         else:
-            state = self._adacomp_state
-            ex = state.group_exchange(names, grads, world, hvd.rank())
-            run_exchange(ex, HorovodTransport(hvd, str(state.iter)), state.traffic)
-        self._adacomp_state.iter += 1
-        self._adacomp_state.traffic.end_step()
+            state.run(names, grads, HorovodTransport(hvd, str(state.iter)))
         self._adacomp_synchronized = True
 
     def _dense_average(self, grads, world):
@@ -182,7 +183,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          backward_passes_per_step: int = 1, bin_size=None, scale: str = "binmax_mean",
                          values: str = "ternary", min_numel: int = DEFAULT_MIN_NUMEL,
                          start_iter: int = 0, exchange: str = "auto", cost_model: CostModel | None = None,
-                         device=None, prefix: str = ""):
+                         device=None, prefix: str = "", scaler=None):
     """Wrap ``optimizer`` so that ``step()`` first averages the gradients with AdaComp.
 
     Like ``horovod.torch.DistributedOptimizer`` the result is an instance of a subclass of
@@ -193,8 +194,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     (all ranks must agree on which; a mismatch raises on every rank).
     ``exchange`` / ``cost_model``: how payloads travel, as for the DDP hook
     (:mod:`adacomp.parallel.exchange`; sharded mode uses ``hvd.alltoall``).
+    ``scaler``: the ``torch.amp.GradScaler`` scaling the loss, if any (residues follow its
+    scale). A step is atomic: when any rank has a NaN/Inf in any gradient, every rank's
+    output for that tensor is NaN (``GradScaler`` skips the step) and no residue changes.
     ``state_dict()`` includes this rank's residues (and owner residues) under the key
-    ``"adacomp"``.
+    ``"adacomp"``, with the world size and rank (loading it elsewhere raises).
     """
     hvd = _hvd()
     compressor = AdaComp(bin_size=bin_size, scale=scale, values=values, min_numel=min_numel,
@@ -209,5 +213,5 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     opt = cls.__new__(cls)
     opt.__dict__.update(optimizer.__dict__)  # same param groups, state and hooks
     opt._adacomp_init(named_parameters, backward_passes_per_step, compressor, start_iter, prefix,
-                      exchange, cost_model)
+                      exchange, cost_model, scaler)
     return opt

@@ -32,7 +32,7 @@ import torch
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
 from ..stats import TrafficStats
-from .exchange import CostModel, ExchangeState, Transport, check_exchange, run_exchange
+from .exchange import CostModel, ExchangeState, StepLedger, Transport, check_exchange
 
 
 def _mpi():
@@ -53,11 +53,17 @@ class Communicator(ExchangeState):
         start_iter: plain dense averaging (residues untouched) before this many calls.
         exchange, cost_model: how payloads travel, as for the DDP hook (:mod:`adacomp.parallel.exchange`;
             the sharded mode uses ``Alltoallv``).
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any (residues follow its
+            scale).
+
+    One :meth:`allreduce` call is one training step (its residue updates are committed
+    together, or all kept back when any rank saw a NaN/Inf); to exchange a step's gradients
+    in several calls, pass ``end_step=False`` to all but the last.
     """
 
     def __init__(self, comm=None, *, bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | None = None, device=None):
+                 cost_model: CostModel | None = None, device=None, scaler=None):
         MPI = _mpi()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
@@ -68,6 +74,14 @@ class Communicator(ExchangeState):
         self.owner = None
         self.iter = 0
         self.traffic = TrafficStats()
+        self.ledger = StepLedger()
+        self.residue_scale = None
+        self.owner_pending = {}
+        self.scaler = None
+        self.set_scaler(scaler)
+
+    def _identity(self) -> dict:
+        return {"world": self.world, "rank": self.rank}
 
     @property
     def rank(self) -> int:
@@ -77,18 +91,26 @@ class Communicator(ExchangeState):
     def world(self) -> int:
         return self.comm.Get_size()
 
-    def allreduce(self, names: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def allreduce(self, names: list[str], tensors: list[torch.Tensor], *,
+                  end_step: bool = True) -> list[torch.Tensor]:
         """Average ``tensors`` (named ``names``) over the ranks with AdaComp; returns new
-        dense tensors of the same shapes and dtypes, in the same order."""
-        if len(names) != len(tensors):
-            raise ValueError("Communicator.allreduce: one name per tensor")
-        outputs = [torch.empty_like(t) for t in tensors]
+        dense tensors of the same shapes and dtypes, in the same order.
+
+        A tensor that is NaN/Inf on any rank comes back all NaN on every rank; a tensor that
+        is all zero on every rank comes back zero and keeps its residue. Raises
+        :class:`adacomp.parallel.ConfigMismatchError` on every rank when the ranks exchange
+        different tensors or settings, or one of them failed before the exchange (that rank
+        raises its own error). ``end_step=False``: more calls of the same step follow."""
+        names, tensors = list(names), list(tensors)
         if self.iter < self.start_iter:
+            outputs = [torch.empty_like(t) for t in tensors]
+            self.begin_step()
             self._dense_only(tensors, outputs)
-        else:
-            self._exchange(list(names), list(tensors), outputs)
-        self.iter += 1
-        self.traffic.end_step()
+            if end_step:
+                self.end_step()
+            return outputs
+        outputs = [torch.empty_like(t) for t in tensors] if len(names) == len(tensors) else None
+        self.run(names, tensors, _MPITransport(self), outputs=outputs, end_step=end_step)
         return outputs
 
     def _dense_only(self, tensors, outputs):
@@ -100,10 +122,6 @@ class Communicator(ExchangeState):
             o.copy_(total[pos:pos + t.numel()].view(t.shape))
             pos += t.numel()
             self.traffic.add("dense", t.numel() * 4, t.numel() * t.element_size())
-
-    def _exchange(self, names, tensors, outputs):
-        ex = self.group_exchange(names, tensors, self.world, self.rank, outputs=outputs)
-        run_exchange(ex, _MPITransport(self), self.traffic)
 
     def _sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks of a 1-D tensor (fp16/bf16 summed in fp32)."""
