@@ -536,8 +536,8 @@ def decompress_sum(payloads, out: torch.Tensor, name: str | None = None) -> torc
     return out
 
 
-#: What :func:`decompress` allocates at most unless told otherwise (1 GiB of fp32).
-DEFAULT_MAX_DECODE_NUMEL = 1 << 28
+#: What :func:`decompress` allocates at most unless told otherwise (256 MiB of fp32).
+DEFAULT_MAX_DECODE_NUMEL = 1 << 26
 
 
 def decompress(payload, *, shape=None, max_numel: int | None = None) -> torch.Tensor:
@@ -546,7 +546,7 @@ def decompress(payload, *, shape=None, max_numel: int | None = None) -> torch.Te
 
     The output's size comes from the payload's header, so for bytes from the wire give the
     ``shape`` you expect or a ``max_numel``; without either, at most
-    :data:`DEFAULT_MAX_DECODE_NUMEL` elements (2^28, 1 GiB) are decoded. Raises
+    :data:`DEFAULT_MAX_DECODE_NUMEL` elements (2^26, 256 MiB) are decoded. Raises
     ``ValueError`` for a malformed payload or a larger claim (before allocating anything).
     """
     if max_numel is None and shape is None:

@@ -195,3 +195,28 @@ def test_auto_reports_its_choice(tmp_path):
     chosen = [c for c in st["last_choice"].values() if c["mode"]]
     assert chosen and all("least estimated time" in c["reason"] for c in chosen)
     assert all(set(c["estimates"]) == {"allgather", "sharded", "dense"} for c in chosen)
+
+
+def _compiled_autograd(rank, world):
+    import torch._dynamo
+    from torch._dynamo import compiled_autograd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import adacomp
+
+    torch._dynamo.config.optimize_ddp = "python_reducer"
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    ddp = DDP(model)
+    state = adacomp.AdaCompState(model=ddp, min_numel=0, log_every=0)
+    ddp.register_comm_hook(state, adacomp.adacomp_hook)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        torch.compile(ddp, backend="eager")(torch.randn(8, 64)).sum().backward()
+    return "no error"
+
+
+def test_compiled_autograd_per_parameter_form_is_refused_clearly(tmp_path):
+    """optimize_ddp="python_reducer" (compiled autograd) calls hooks per parameter as
+    hook(state, (grad, param)): every rank raises an error naming the setting, none hangs."""
+    out = _dist.run(_compiled_autograd, 2, out_dir=str(tmp_path), timeout=180)
+    for o in out:
+        assert not o["ok"] and "optimize_ddp" in o["error"] and "python_reducer" in o["error"], o

@@ -186,3 +186,27 @@ def test_fuzz_mutated_payloads(seed, pos, value, cut):
         data += bytes(cut)
     v = _decode_all(bytes(data))
     assert all(x == v[0] for x in v)
+
+
+@pytest.mark.parametrize("log2", [28, 32, 36, 40])
+def test_decoder_bounds_what_it_allocates(log2):
+    """A well-formed, tiny payload claiming 2^28-2^40 elements (the non-finite flag needs no
+    body) is refused with ValueError before anything is allocated, unless the receiver
+    expects that shape or allows that many elements."""
+    from adacomp import payload as pl
+
+    p = pl.encode_nonfinite((1 << log2,), 500, pl.KIND_TERNARY)
+    data = bytes(p)
+    assert len(data) < 24
+    with pytest.raises(ValueError, match="max_numel"):
+        pl.decompress(data)
+    with pytest.raises(ValueError, match="expects"):
+        pl.Payload.from_bytes(data, shape=(1000,))
+    with pytest.raises(ValueError, match="receiver accepts"):
+        pl.Payload.from_bytes(data, max_numel=1 << 20)
+    with pytest.raises(ValueError, match="receiver accepts"):
+        pl.Payload.from_tensor(p.tensor, max_numel=1 << 20)
+    small = pl.encode_nonfinite((1000,), 500, pl.KIND_TERNARY)
+    assert bool(pl.decompress(bytes(small), shape=(1000,)).isnan().all())
+    with pytest.raises(ValueError, match="expects"):
+        pl.decompress(bytes(small), shape=(999,))

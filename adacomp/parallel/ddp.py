@@ -227,6 +227,16 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     :class:`adacomp.parallel.ConfigMismatchError` on every rank when the ranks' settings
     differ or a rank failed before the exchange (that rank raises its own error).
     """
+    if isinstance(bucket, tuple):
+        # torch._dynamo.config.optimize_ddp = "python_reducer" (compiled autograd) calls the
+        # hook once per parameter as hook(state, (grad, param)), from inside the compiled
+        # backward; the exchange needs the bucket's host-side protocol, so refuse it clearly
+        # (every rank runs the same setting, so every rank raises here, before any collective).
+        raise RuntimeError(
+            "adacomp_hook needs DDP's bucketed reducer, but it was called per parameter, as DDP "
+            "does under torch._dynamo.config.optimize_ddp = 'python_reducer' (compiled "
+            "autograd). Keep the default optimize_ddp ('ddp_optimizer'): torch.compile(model) "
+            "and torch.compile(DDP(model)) both work with this hook")
     group = _group(state)
     world = dist.get_world_size(group)
     buf = bucket.buffer()
