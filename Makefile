@@ -28,7 +28,7 @@ install:
 reinstall:
 	$(PIP) install --quiet torch==2.13.0 numpy setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
-	$(PYTHON) -c "import adacomp; print('adacomp backend:', adacomp.ops.backend())"
+	$(PYTHON) -c "import adacomp, torch; print('adacomp backend:', adacomp.ops.backend(), '| torch', torch.__version__)"
 	@mkdir -p "$(dir $(STAMP))" && touch "$(STAMP)"
 
 # Real data sets used by tests, examples and benchmarks (README.md, "Data sets").

