@@ -337,3 +337,63 @@ def decompress_sum_(out: torch.Tensor, data: list[torch.Tensor], meta: list[int]
 
 
 __all__ = ["select", "decompress_sum_", "numba"]
+
+
+@njit(cache=True)
+def _encode_body_kernel(counts, offsets, values, w, kind, out):
+    # LSB-first bit streams, as csrc/cpu/encode_kernel.cpp.
+    nb, k = counts.shape[0], offsets.shape[0]
+    pos = 0
+    acc = np.uint64(0)
+    nacc = 0
+    for b in range(nb):
+        c = np.int64(counts[b])
+        for _ in range(c + 1):  # c ones, then a zero
+            if _ < c:
+                acc |= np.uint64(1) << np.uint64(nacc)
+            nacc += 1
+            if nacc == 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                pos += 1
+                acc = np.uint64(0)
+                nacc = 0
+    if nacc:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+        pos += 1
+    fbits = w + (1 if kind == 0 else 0)
+    if k and fbits:
+        acc = np.uint64(0)
+        nacc = 0
+        for i in range(k):
+            field = np.uint64(offsets[i])
+            if kind == 0 and values[i] < 0:
+                field |= np.uint64(1) << np.uint64(w)
+            acc |= field << np.uint64(nacc)
+            nacc += fbits
+            while nacc >= 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                pos += 1
+                acc >>= np.uint64(8)
+                nacc -= 8
+        if nacc:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+            pos += 1
+    return pos
+
+
+def encode_body(counts, offsets, values, offset_width, kind):
+    """numba version of :func:`adacomp.payload.reference_encode_body` (CPU tensors)."""
+    c = counts.to(torch.int64).contiguous().numpy()
+    o = offsets.to(torch.int64).contiguous().numpy()
+    v = values.to(torch.float32).contiguous().numpy()
+    nb, k = c.shape[0], o.shape[0]
+    fbits = offset_width + (1 if kind == 0 else 0)
+    nbytes = (nb + k + 7) // 8 + ((k * fbits + 7) // 8 if k and fbits else 0)
+    out = np.empty(nbytes, dtype=np.uint8)
+    _encode_body_kernel(c, o, v, offset_width, kind, out)
+    body = torch.from_numpy(out)
+    if kind == 1:
+        body = torch.cat([body, values.to(torch.float16).view(torch.uint8)])
+    elif kind == 2:
+        body = torch.cat([body, values.to(torch.float32).contiguous().view(torch.uint8)])
+    return body

@@ -111,6 +111,10 @@ if HAS_EXTENSION:
             grad.new_empty((2,), dtype=torch.int64),
         )
 
+    @torch.library.register_fake("adacomp::encode_body")
+    def _encode_body_fake(counts, offsets, values, offset_width, kind):
+        return counts.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
     @torch.library.register_fake("adacomp::decompress_sum_")
     def _decompress_sum_fake(out, data, meta):
         return None
@@ -140,6 +144,24 @@ def select(grad, residue, residue_out, bin_size: int, scale_mode: int, value_mod
     )
     residue_out.copy_(residue_new)
     return counts, offsets, values, scale, info
+
+
+def encode_body(counts: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
+                offset_width: int, kind: int) -> torch.Tensor:
+    """The payload body of one selection result (:func:`adacomp.payload.reference_encode_body`
+    defines it) with the backend in use for its device: one pass in C++ or numba on CPU,
+    PyTorch ops on CUDA. Returns a 1-D uint8 tensor on the same device."""
+    which = backend(counts.device)
+    if which == "cpp":
+        return torch.ops.adacomp.encode_body(counts.to(torch.int32), offsets.to(torch.int32),
+                                             values.to(torch.float32), offset_width, kind)
+    if which == "numba":
+        from . import _numba
+
+        return _numba.encode_body(counts, offsets, values, offset_width, kind)
+    from . import payload
+
+    return payload.reference_encode_body(counts, offsets, values, offset_width, kind)
 
 
 def decompress_sum_(out: torch.Tensor, data: list[torch.Tensor], meta: list[int]) -> None:

@@ -313,19 +313,24 @@ def _unpack_bits(data: torch.Tensor) -> torch.Tensor:
     return ((data.unsqueeze(1) >> shifts) & 1).reshape(-1)
 
 
-def encode(shape, bin_size: int, counts: torch.Tensor, offsets: torch.Tensor,
-           values: torch.Tensor, scale: float, kind: int) -> Payload:
-    """Encode a (finite) selection result as a payload on the selection's device."""
+def reference_encode_body(counts: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
+                          offset_width: int, kind: int) -> torch.Tensor:
+    """The body of a payload (count stream, entry stream, value stream) from a selection
+    result, built from PyTorch ops on the selection's device: the definition that the
+    native encoders (``csrc/cpu/encode_kernel.cpp``, the numba kernel) match byte for byte.
+
+    ``counts``: int32/int64 ``[n_bins]``; ``offsets``: ``[n_sent]``, each inside its bin;
+    ``values``: fp32 ``[n_sent]``; ``offset_width``: bits per offset; ``kind``: ternary,
+    fp16 or fp32. Returns a 1-D uint8 tensor."""
     device = counts.device
     k = offsets.numel()
-    head = encode_header(shape, bin_size, k, kind, False, scale)
     nb = counts.numel()
     count_bits = torch.ones(nb + k, dtype=torch.uint8, device=device)
     if nb:
         ends = torch.cumsum(counts, 0, dtype=torch.int64) + torch.arange(nb, device=device)
         count_bits[ends] = 0
-    parts = [torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device), _pack_bits(count_bits)]
-    w = offset_width(bin_size)
+    parts = [_pack_bits(count_bits)]
+    w = offset_width
     fbits = w + (1 if kind == KIND_TERNARY else 0)
     if k and fbits:
         field = offsets.to(torch.int64)
@@ -337,7 +342,20 @@ def encode(shape, bin_size: int, counts: torch.Tensor, offsets: torch.Tensor,
         parts.append(values.to(torch.float16).view(torch.uint8))
     elif kind == KIND_FP32:
         parts.append(values.to(torch.float32).contiguous().view(torch.uint8))
-    data = torch.cat(parts)
+    return torch.cat(parts)
+
+
+def encode(shape, bin_size: int, counts: torch.Tensor, offsets: torch.Tensor,
+           values: torch.Tensor, scale: float, kind: int) -> Payload:
+    """Encode a (finite) selection result as a payload on the selection's device (the body
+    by the backend's encoder, :func:`adacomp.ops.encode_body`)."""
+    from . import ops
+
+    device = counts.device
+    k = offsets.numel()
+    head = encode_header(shape, bin_size, k, kind, False, scale)
+    body = ops.encode_body(counts, offsets, values, offset_width(bin_size), kind)
+    data = torch.cat([torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device), body])
     return Payload(data, parse_header(head, data.numel()))
 
 
@@ -371,12 +389,18 @@ def encode_split(numel: int, bin_size: int, counts: torch.Tensor, offsets: torch
     the tensor's scale, so ``decompress_sum`` of a shard payload into ``out[start:end]``
     adds exactly what the unsplit payload adds there."""
     L = max(1, min(int(bin_size), numel)) if numel else 1
-    ends = torch.cumsum(counts.to(torch.int64), 0).cpu().tolist() if counts.numel() else []
+    # Entries before each shard's first bin: the counts' prefix sums at the shard edges only
+    # (one small host read, not one per bin).
+    edges = sorted({-(-x // L) for se in bounds for x in se})
+    at = {0: 0}
+    if counts.numel() and edges:
+        idx = torch.tensor([max(e, 1) - 1 for e in edges], dtype=torch.int64, device=counts.device)
+        sums = torch.cumsum(counts.to(torch.int64), 0)[idx].tolist()
+        at.update({e: (v if e else 0) for e, v in zip(edges, sums)})
     out = []
     for start, end in bounds:
         b0, b1 = -(-start // L), -(-end // L)
-        e0 = ends[b0 - 1] if b0 else 0
-        e1 = ends[b1 - 1] if b1 else 0
+        e0, e1 = at[b0], at[b1]
         out.append(encode((end - start,), shard_bin_size(L, start, end), counts[b0:b1],
                           offsets[e0:e1], values[e0:e1], scale, kind))
     return out

@@ -26,4 +26,8 @@ TORCH_LIBRARY(adacomp, m) {
   // meta holds 8 integers per payload:
   //   body_offset, numel, bin_size, n_sent, value_kind, nonfinite, scale_bits, reserved
   m.def("decompress_sum_(Tensor(a!) out, Tensor[] data, int[] meta) -> ()");
+  // The body of one payload (count stream, entry stream, value stream) from a selection
+  // result: counts int32[n_bins], offsets int32[n_sent], values fp32[n_sent]; kind 0
+  // ternary (sign bit above the offset), 1 fp16, 2 fp32. Returns uint8[body bytes].
+  m.def("encode_body(Tensor counts, Tensor offsets, Tensor values, int offset_width, int kind) -> Tensor");
 }

@@ -1,0 +1,104 @@
+// CPU kernel of adacomp::encode_body: the body of a payload (docs/algorithm.md section 3,
+// wire format version 1) from one selection result, in one pass over the compacted
+// selection: the unary count stream, the offset+sign entry stream, then the value stream.
+// Byte for byte what adacomp.payload.encode builds from PyTorch ops (the reference).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace adacomp {
+namespace {
+
+// LSB-first bit writer (bit i of the stream is bit i % 8 of byte i / 8).
+struct BitWriter {
+  uint8_t* out;
+  uint64_t acc = 0;
+  int nacc = 0;
+  int64_t pos = 0;
+  explicit BitWriter(uint8_t* o) : out(o) {}
+  inline void put(uint64_t bits, int n) {  // n <= 32, bits < 2^n
+    acc |= bits << nacc;
+    nacc += n;
+    while (nacc >= 8) {
+      out[pos++] = static_cast<uint8_t>(acc);
+      acc >>= 8;
+      nacc -= 8;
+    }
+  }
+  inline void ones(int64_t n) {
+    while (n >= 32) {
+      put(0xFFFFFFFFull, 32);
+      n -= 32;
+    }
+    if (n) put((1ull << n) - 1, static_cast<int>(n));
+  }
+  inline void flush() {  // zero-pad to a whole byte
+    if (nacc > 0) out[pos++] = static_cast<uint8_t>(acc);
+    acc = 0;
+    nacc = 0;
+  }
+};
+
+constexpr int64_t kTernary = 0, kFp16 = 1, kFp32 = 2;
+
+at::Tensor encode_body_cpu(const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& values,
+                           int64_t offset_width, int64_t kind) {
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kInt, "encode_body: counts must be 1-D int32");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kInt, "encode_body: offsets must be 1-D int32");
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kFloat, "encode_body: values must be 1-D fp32");
+  TORCH_CHECK(offsets.numel() == values.numel(), "encode_body: one value per offset");
+  TORCH_CHECK(kind == kTernary || kind == kFp16 || kind == kFp32, "encode_body: kind must be 0, 1 or 2");
+  TORCH_CHECK(offset_width >= 0 && offset_width <= 31, "encode_body: offset_width must be in [0, 31]");
+  auto c = counts.contiguous();
+  auto o = offsets.contiguous();
+  auto v = values.contiguous();
+  const int64_t nb = c.numel(), k = o.numel();
+  const int fbits = static_cast<int>(offset_width) + (kind == kTernary ? 1 : 0);
+  const int64_t count_bytes = (nb + k + 7) / 8;
+  const int64_t entry_bytes = (k && fbits) ? (k * fbits + 7) / 8 : 0;
+  const int64_t value_bytes = kind == kFp16 ? 2 * k : (kind == kFp32 ? 4 * k : 0);
+  auto out = at::empty({count_bytes + entry_bytes + value_bytes}, c.options().dtype(at::kByte));
+  uint8_t* p = out.data_ptr<uint8_t>();
+  const int32_t* cnt = c.data_ptr<int32_t>();
+  const int32_t* off = o.data_ptr<int32_t>();
+  const float* val = v.data_ptr<float>();
+
+  BitWriter counts_w(p);
+  int64_t total = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK(cnt[b] >= 0, "encode_body: negative count");
+    counts_w.ones(cnt[b]);
+    counts_w.put(0, 1);
+    total += cnt[b];
+  }
+  counts_w.flush();
+  TORCH_CHECK(total == k, "encode_body: counts sum to ", total, " but there are ", k, " offsets");
+
+  if (entry_bytes) {
+    BitWriter entries(p + count_bytes);
+    const int w = static_cast<int>(offset_width);
+    for (int64_t i = 0; i < k; ++i) {
+      uint64_t field = static_cast<uint32_t>(off[i]);
+      if (kind == kTernary && val[i] < 0.0f) field |= (1ull << w);
+      entries.put(field, fbits);
+    }
+    entries.flush();
+  }
+  uint8_t* vp = p + count_bytes + entry_bytes;
+  if (kind == kFp16) {
+    for (int64_t i = 0; i < k; ++i) {
+      const uint16_t h = c10::Half(val[i]).x;
+      std::memcpy(vp + 2 * i, &h, 2);
+    }
+  } else if (kind == kFp32 && k) {
+    std::memcpy(vp, val, 4 * k);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adacomp, CPU, m) { m.impl("encode_body", &encode_body_cpu); }
+
+}  // namespace adacomp
