@@ -220,3 +220,51 @@ def test_compiled_autograd_per_parameter_form_is_refused_clearly(tmp_path):
     out = _dist.run(_compiled_autograd, 2, out_dir=str(tmp_path), timeout=180)
     for o in out:
         assert not o["ok"] and "optimize_ddp" in o["error"] and "python_reducer" in o["error"], o
+
+
+def _hook_blocking(rank, world, overlap):
+    """Rank 1 starts its backward pass 1.5 s late; how long does each of rank 0's hook calls
+    block the backward pass?"""
+    import time
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import adacomp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    ddp = DDP(model, bucket_cap_mb=0.2)
+    state = adacomp.AdaCompState(model=ddp, min_numel=0, log_every=0, overlap=overlap)
+    calls = []
+
+    def timed(st, bucket):
+        t = time.perf_counter()
+        fut = adacomp.adacomp_hook(st, bucket)
+        calls.append(time.perf_counter() - t)
+        return fut
+
+    ddp.register_comm_hook(state, timed)
+    x = torch.randn(8, 256)
+    for _ in range(2):  # the worker's process group is made, DDP rebuilds its buckets
+        ddp(x).sum().backward()
+    calls.clear()
+    loss = ddp(x).sum()
+    if rank == 1:  # rank 1 starts its backward pass late
+        time.sleep(1.5)
+    loss.backward()
+    return {"calls": calls, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_exchange_overlaps_the_backward_pass(tmp_path, overlap):
+    """overlap=True: no hook call waits on the network (rank 0's calls return at once while
+    rank 1 is late); overlap=False: the size exchange blocks the first call until rank 1
+    comes. Same parameters either way."""
+    res = run(tmp_path, _hook_blocking, 2, overlap)
+    calls = res[0]["calls"]
+    assert len(calls) >= 2, calls
+    if overlap:
+        assert max(calls) < 0.5, calls
+    else:
+        assert max(calls) > 1.0, calls
+    assert all(torch.equal(a, b) for a, b in zip(res[0]["params"], res[1]["params"]))

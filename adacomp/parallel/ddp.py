@@ -16,7 +16,10 @@ not be smaller than the dense bytes) travel together in one allreduce per bucket
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
+import functools
 import logging
+import queue
+import threading
 import weakref
 
 import torch
@@ -80,6 +83,12 @@ class AdaCompState(ExchangeState):
             ``exchange="auto"``.
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: residues follow its
             scale (docs/algorithm.md, loss scaling).
+        overlap: run each bucket's whole exchange (compression, size exchange, payloads,
+            decoding) on a worker thread with a process group of its own (a copy of the
+            hook's group, made on the first compressed step), so that the backward pass never
+            waits on the network; buckets are exchanged in order, so every rank issues the
+            same collectives in the same order. ``False``: the size exchange blocks the hook
+            and only the payload transfers are asynchronous.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
 
@@ -93,7 +102,7 @@ class AdaCompState(ExchangeState):
         # tuned knobs
         "bin_size", "scale", "values", "min_numel", "start_iter", "exchange", "cost_model",
         # switches and plumbing
-        "process_group", "log_every", "_param_names", "_model_ref", "scaler",
+        "process_group", "log_every", "_param_names", "_model_ref", "scaler", "overlap", "_worker_obj",
         # internal state
         "compressor", "owner", "iter", "traffic", "ledger", "residue_scale", "owner_pending",
     ]
@@ -101,7 +110,8 @@ class AdaCompState(ExchangeState):
     def __init__(self, process_group=None, model: nn.Module | None = None, *, named_parameters=None,
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | None = None, log_every: int = 100, device=None, scaler=None):
+                 cost_model: CostModel | None = None, log_every: int = 100, device=None, scaler=None,
+                 overlap: bool = True):
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
         self.process_group = _model_group(model, process_group)
@@ -120,6 +130,8 @@ class AdaCompState(ExchangeState):
         self.owner_pending = {}
         self.scaler = None
         self.set_scaler(scaler)
+        self.overlap = bool(overlap)
+        self._worker_obj = None
         self._param_names = {}
         self._model_ref = None
         self.bind(model, named_parameters=named_parameters)
@@ -161,21 +173,30 @@ class AdaCompState(ExchangeState):
 
     # -- step counter (advances on the last bucket, as PowerSGD's) -----------------------
     def maybe_increase_iter(self, bucket) -> None:
-        if bucket.is_last():
-            self.end_step()
-            if self.log_every and self.iter % self.log_every == 0:
-                logger.info("AdaComp %s", self.traffic.format())
+        _maybe_end_step(self, bucket.is_last())
+
+    # -- the exchange thread ------------------------------------------------------------
+    def _worker(self, group):
+        """The thread (and its process group, a copy of ``group``) that runs the exchanges
+        when ``overlap=True``; created on first use, by every rank in the same bucket."""
+        if self._worker_obj is None:
+            ranks = dist.get_process_group_ranks(group)
+            own = dist.new_group(ranks, use_local_synchronization=True)
+            self._worker_obj = _Worker(own)
+        return self._worker_obj
 
     def __getstate__(self):
         # The process group cannot be pickled (as PowerSGD's state); the parameter bindings
         # are for one model in one process (bind() again after loading).
-        skip = ("process_group", "_param_names", "_model_ref", "scaler")
+        skip = ("process_group", "_param_names", "_model_ref", "scaler", "_worker_obj")
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state):
         self.process_group = None
         self._param_names = {}
         self._model_ref = None
+        self._worker_obj = None
+        self.overlap = True
         for k, v in state.items():
             setattr(self, k, v)
         for k, default in (("ledger", StepLedger), ("scaler", lambda: None),
@@ -206,20 +227,6 @@ def _group(state):
     return state.process_group if state.process_group is not None else dist.group.WORLD
 
 
-def _sparse_allreduce(state, bucket, group, world):
-    """A bucket of sparse gradients (``nn.Embedding(sparse=True)``): averaged uncompressed,
-    as PyTorch's default hook does; it has no residue."""
-    buf = bucket.buffer()
-    for p in bucket.parameters():
-        state.traffic.add("dense", p.numel() * 4, 0)
-    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-
-    def average(f):
-        return f.value()[0].div_(world)
-
-    return fut.then(average)
-
-
 def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running AdaComp on every gradient of ``bucket``.
 
@@ -241,40 +248,57 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     world = dist.get_world_size(group)
     buf = bucket.buffer()
     state.begin_step()
-
-    if buf.is_sparse:
-        out = _sparse_allreduce(state, bucket, group, world)
-        state.maybe_increase_iter(bucket)
-        return out
-
-    if state.iter < state.start_iter:
-        for g in bucket.gradients():
-            state.traffic.add("dense", g.numel() * 4, g.numel() * g.element_size())
-        state.maybe_increase_iter(bucket)
+    last = bucket.is_last()
+    params = bucket.parameters()
+    if buf.is_sparse or state.iter < state.start_iter:
+        # Sparse buckets (averaged uncompressed, as PyTorch's default) and dense warm-up steps.
+        for p in params:
+            state.traffic.add("dense", p.numel() * 4, 0 if buf.is_sparse else p.numel() * p.element_size())
+        work = functools.partial(_average_sync, state, buf, last, world)
+    else:
+        work = functools.partial(_exchange_sync, state, buf, bucket.gradients(), params, last,
+                                 world=world)
+    if state.overlap:
+        worker = state._worker(group)
+        return worker.submit(functools.partial(work, group=worker.group))
+    if work.func is _average_sync:
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+        _maybe_end_step(state, last)
+        return fut.then(lambda f: f.value()[0].div_(world))
+    return _exchange_async(state, buf, bucket.gradients(), params, last, group, world)
 
-        def average(f):
-            return f.value()[0].div_(world)
 
-        return fut.then(average)
+def _average_sync(state, buf, last, world, *, group):
+    dist.all_reduce(buf, group=group)
+    _maybe_end_step(state, last)
+    return buf.div_(world)
 
-    grads = bucket.gradients()
+
+def _maybe_end_step(state, last):
+    if last:
+        # The last bucket closes the step: every bucket's residue updates are committed now,
+        # or all kept back if any rank saw a non-finite value in any tensor of the step.
+        state.end_step()
+        if state.log_every and state.iter % state.log_every == 0:
+            logger.info("AdaComp %s", state.traffic.format())
+
+
+def _prepare(state, grads, params, group, world):
+    """Name and compress the bucket's gradients; on a local error, tell the other ranks (they
+    raise ConfigMismatchError in the same size exchange) and raise this rank's error."""
     try:
-        names = [state.name_of(p) for p in bucket.parameters()]
-        ex = state.group_exchange(names, grads, world, dist.get_rank(group))
+        names = [state.name_of(p) for p in params]
+        return state.group_exchange(names, grads, world, dist.get_rank(group))
     except Exception:
-        # Tell the other ranks (they raise ConfigMismatchError), then raise this rank's error.
         state.abort_step()
-        meta = error_meta(len(grads), world, device=buf.device)
+        meta = error_meta(len(grads), world, device=grads[0].device if grads else None)
         all_meta = _allgather_int64(meta, world, group)
         check_headers(all_meta, world, len(grads), 1, local_error=True)
         raise
+
+
+def _decide(state, ex, group, world):
     try:
-        # The size exchange (and, in sharded mode, the all-to-all to the owners and the
-        # owners' sizes) is waited for here, on the thread that runs the hooks, on purpose:
-        # issuing collectives from a Future callback instead would let them interleave with
-        # the next bucket's collectives in a different order on different ranks. The last
-        # transfers below stay asynchronous and overlap with the backward pass.
         ex.decide(_allgather_int64(ex.meta(), world, group))  # raises on every rank if configs differ
         if ex.mode == "sharded":
             ex.reduce_owned(_alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes(), group))
@@ -282,6 +306,40 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     except Exception:
         state.abort_step()
         raise
+
+
+def _end_bucket(state, ex, last):
+    ex.account(state.traffic)
+    _maybe_end_step(state, last)
+
+
+def _exchange_sync(state, buf, grads, params, last, *, world, group):
+    """The whole exchange of one bucket with blocking collectives (on the state's worker
+    thread and its own process group, so it overlaps with the rest of the backward pass)."""
+    ex = _prepare(state, grads, params, group, world)
+    _decide(state, ex, group, world)
+    gathered = dense = None
+    mine = ex.payload_buffer()
+    if mine is not None:
+        flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
+        _all_gather_single(flat, mine, group=group)
+        gathered = flat.view(world, mine.numel())
+    dense = ex.dense_buffer()
+    if dense is not None:
+        dist.all_reduce(dense, group=group)
+    _end_bucket(state, ex, last)
+    ex.finish(gathered, dense)
+    return buf
+
+
+def _exchange_async(state, buf, grads, params, last, group, world):
+    """The exchange on the hook's thread: the size exchange (and the sharded exchange's
+    owner rounds) block it; the payload transfers are asynchronous."""
+    ex = _prepare(state, grads, params, group, world)
+    # Issuing the size exchange from a Future callback instead would let it interleave with
+    # the next bucket's collectives in a different order on different ranks: overlap=True
+    # runs the whole exchange on a worker thread with its own process group instead.
+    _decide(state, ex, group, world)
     futures = []
     gathered = dense = None
     mine = ex.payload_buffer()
@@ -292,11 +350,7 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     dense = ex.dense_buffer()
     if dense is not None:
         futures.append(dist.all_reduce(dense, group=group, async_op=True).get_future())
-
-    ex.account(state.traffic)
-    # The last bucket closes the step: every bucket's residue updates are committed now, or
-    # all kept back if any rank saw a non-finite value in any tensor of the step.
-    state.maybe_increase_iter(bucket)
+    _end_bucket(state, ex, last)
 
     def finish(_):
         ex.finish(gathered, dense)
@@ -307,3 +361,28 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
         fut.set_result(finish(None))
         return fut
     return torch.futures.collect_all(futures).then(finish)
+
+
+class _Worker:
+    """One thread per state running bucket exchanges in submission (bucket) order over a
+    process group of its own, so that every rank issues that group's collectives in the same
+    order, and none of them waits on the hook's thread (the backward pass goes on)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="adacomp-exchange", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn) -> torch.futures.Future:
+        fut = torch.futures.Future()
+        self.queue.put((fn, fut))
+        return fut
+
+    def _run(self):
+        while True:
+            fn, fut = self.queue.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to DDP, which raises it
+                fut.set_exception(exc)

@@ -504,7 +504,7 @@ class ConfigMismatchError(RuntimeError):
     """The ranks do not run the same AdaComp configuration or parameter set."""
 
 
-def _dense_flags(g: torch.Tensor) -> int:
+def dense_flags(g: torch.Tensor) -> int:
     """Meta flags of a tensor sent dense: non-finite, or all zero."""
     if g.numel() == 0:
         return FLAG_ZERO
@@ -514,7 +514,7 @@ def _dense_flags(g: torch.Tensor) -> int:
     return FLAG_ZERO if amax == 0 else 0
 
 
-def _all_zero(g: torch.Tensor) -> bool:
+def all_zero(g: torch.Tensor) -> bool:
     """Whether every element of ``g`` is zero (a quick look at the head first: a gradient
     that is used almost never starts with 256 zeros, so the full pass is rare)."""
     flat = g.detach().reshape(-1)
@@ -588,7 +588,7 @@ class GroupExchange:
                     self.payloads.append(None)
                     self.pending.append(None)
                     sizes += [-1] * world
-                    flags.append(_dense_flags(g))
+                    flags.append(dense_flags(g))
                     continue
                 if self.split:
                     ps, pend = comp.prepare_split(n, g, self.pieces)
@@ -598,7 +598,7 @@ class GroupExchange:
                 self.payloads.append(ps)
                 self.pending.append(pend)
                 sizes += [p.nbytes for p in ps] + [0] * (world - len(ps))
-                flags.append(FLAG_NONFINITE if ps[0].nonfinite else (FLAG_ZERO if _all_zero(g) else 0))
+                flags.append(FLAG_NONFINITE if ps[0].nonfinite else (FLAG_ZERO if all_zero(g) else 0))
         except BaseException:
             self._discard_all()
             raise
