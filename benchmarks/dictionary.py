@@ -25,6 +25,10 @@ Prints a table (and the same as Markdown), writes ``--json`` and ``--plot``::
     python benchmarks/dictionary.py --ratios 8 --methods dirnet svd --ft-steps 600 \
         --json results/dictionary_ft600.json --plot results/dictionary_ft600.png
 
+The stage's own running time (no data, random weights; issue 16)::
+
+    python benchmarks/dictionary.py --time-stage --ratios 4
+
 The dense model is saved to ``--model`` (default ``results/dictionary_lstm.pt``) and reused.
 About 5 minutes on 2 idle cores with the model saved (17 on a busy machine); training it adds
 a few minutes idle (27 on the busy machine).
@@ -52,6 +56,7 @@ from adacomp.workloads import data as datasets  # noqa: E402
 from adacomp.workloads.models import CharLSTM  # noqa: E402
 
 METHODS = ("dirnet", "uniform", "svd")
+BENCH_GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2)
 
 
 def parse_args(argv=None):
@@ -70,9 +75,16 @@ def parse_args(argv=None):
         "--atom-grid",
         type=float,
         nargs="+",
-        default=[1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2],
-        help="DirNet's candidate atom counts, fractions of the input size (fewer than the default "
-        "grid to fit the CPU budget; 3/4 and 1 are never affordable at 4x and 8x here)",
+        default=None,
+        help="DirNet's candidate atom counts, fractions of the input size (default here: "
+        f"{' '.join(f'{g:g}' for g in BENCH_GRID)}, fewer than the stage's default to fit the CPU "
+        "budget; 3/4 and 1 are never chosen at 4x and 8x here; with --time-stage: the stage's default)",
+    )
+    ap.add_argument(
+        "--time-stage",
+        action="store_true",
+        help="only time compress_ at each --ratios on a 2-layer nn.LSTM(--embed, --hidden) with random "
+        "weights (no data, no training) and exit",
     )
     ap.add_argument("--ft-steps", type=int, default=200, help="fine-tuning steps of every model")
     ap.add_argument("--ft-lr", type=float, default=1e-3)
@@ -240,17 +252,18 @@ def run(args, log=print):
     ft_text = "not fine-tuned" if ft is None else f"{ft:.4f} after the same fine-tuning"
     log(f"dense: {dense_bpc:.4f} bpc, {ft_text}; LSTM {lstm_bytes:,} bytes")
     cache: dict = {}  # dictionaries and error curves, shared by all ratios and methods
+    grid = tuple(args.atom_grid or BENCH_GRID)
     keep = {}
     for ratio in args.ratios:
         budget = None
         for method in args.methods:
             model = copy.deepcopy(base)
             if method == "dirnet":
-                config = DictionaryConfig(ratio=ratio, atom_grid=tuple(args.atom_grid))
+                config = DictionaryConfig(ratio=ratio, atom_grid=grid)
             else:
                 if budget is None:
                     raise ValueError("list dirnet first: the other methods use its stored bytes")
-                config = DictionaryConfig(budget_bytes=budget, method=method, atom_grid=tuple(args.atom_grid))
+                config = DictionaryConfig(budget_bytes=budget, method=method, atom_grid=grid)
             log(f"{method} at {ratio:g}x ...")
             report = compress_(model, config, filter_fn=lambda m, n: n == "lstm", cache=cache, log=log)
             rec = report.layers[0]
@@ -379,8 +392,48 @@ def plot(result, path):
     plt.close(fig)
 
 
+def time_stage(args, log=print) -> dict:
+    """Seconds of ``compress_`` (DirNet, each ratio, a fresh cache) on a 2-layer
+    ``nn.LSTM(embed, hidden)`` with PyTorch's random initialization: the stage's own cost,
+    without data or training (issue 16: 682 s at 4x with 0.2.0's default grid)."""
+    out = {"args": vars(args), "runs": []}
+    for ratio in args.ratios:
+        torch.manual_seed(args.seed)
+        model = torch.nn.Sequential()
+        model.lstm = torch.nn.LSTM(args.embed, args.hidden, num_layers=2)
+        extra = {"atom_grid": tuple(args.atom_grid)} if args.atom_grid else {}
+        config = DictionaryConfig(ratio=ratio, inference="dense", **extra)
+        start = time.perf_counter()
+        report = compress_(model, config, log=log)
+        seconds = time.perf_counter() - start
+        log(str(report))
+        log(
+            f"{ratio:g}x, atom grid {' '.join(f'{g:g}' for g in config.atom_grid)}: {seconds:.1f} s "
+            f"(dictionaries and error curves {report.info['selection_seconds']:.1f} s), relative error "
+            f"{report.info['relative_error']:.4f}"
+        )
+        out["runs"].append(
+            {
+                "ratio": ratio,
+                "atom_grid": list(config.atom_grid),
+                "seconds": seconds,
+                "selection_seconds": report.info["selection_seconds"],
+                "relative_error": report.info["relative_error"],
+                "choice": report.layers[0].detail,
+            }
+        )
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.time_stage:
+        result = time_stage(args, log=lambda s: print(s, flush=True))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     start = time.perf_counter()
     result = run(args, log=lambda s: print(s, flush=True))
     result["seconds"] = time.perf_counter() - start

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import re
+import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,7 +22,7 @@ from adacomp.stages import (
     module_bytes,
     set_inference,
 )
-from adacomp.stages.dictionary import _allocate, _Option, index_dtype
+from adacomp.stages.dictionary import _allocate, _Option, index_dtype, omp
 
 FAST = {"atom_grid": (0.125, 0.25, 0.5, 1.0), "max_nonzeros": 16, "dl_epochs": 1, "inference": "dense"}
 CACHE: dict = {}  # dictionaries and error curves, keyed by a hash of each matrix: shared to keep tests fast
@@ -314,3 +319,217 @@ def test_bad_use_raises_clear_errors():
         model.net(nn.utils.rnn.pack_sequence([torch.randn(3, 8)]))
     with pytest.raises(ValueError, match="'codes' or 'dense'"):
         set_inference(model, "auto")
+
+
+# --------------------------------------------------------------------------- issue 16
+
+
+class _CharModel(nn.Module):
+    """Embedding -> 2-layer LSTM -> Linear decoder (the shape of CharLSTM, tiny)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.dec = nn.Linear(16, 20)
+
+    def forward(self, x):
+        return self.dec(self.lstm(self.emb(x))[0])
+
+
+def test_default_selects_recurrent_layers_only_linear_on_request():
+    model = _CharModel()
+    report = compress_(model, DictionaryConfig(ratio=3.0, **FAST), cache=CACHE)
+    assert [r.name for r in report.layers] == ["lstm"]
+    assert isinstance(model.lstm, DictRNN) and type(model.dec) is nn.Linear
+    # an MLP has nothing DirNet compresses by default; the message says how to select a Linear
+    mlp = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5))
+    with pytest.raises(ValueError, match=r"no layer selected for stage 'dirnet'.*nn.Linear only when filter"):
+        compress_(mlp, DictionaryConfig(ratio=4, **FAST))
+    assert all(type(m) is nn.Linear for m in mlp if not isinstance(m, nn.ReLU))
+    report = compress_(mlp, DictionaryConfig(ratio=2, **FAST), filter_fn=lambda m, n: n == "2")
+    assert [r.name for r in report.layers] == ["2"] and type(mlp[0]) is nn.Linear
+
+
+def _quantize_dynamic(model, inplace=False):
+    quantization = pytest.importorskip("torch.ao.quantization")
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return quantization.quantize_dynamic(model, {nn.LSTM, nn.Linear}, dtype=torch.qint8, inplace=inplace)
+
+
+def _quantized(module: nn.Module) -> list[str]:
+    """Names of the dynamically quantized Linear modules in ``module``."""
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    return [n for n, m in module.named_modules() if isinstance(m, dynamic)]
+
+
+@pytest.mark.parametrize("method", ["dirnet", "svd"])  # sparse codes; dense codes
+def test_compressed_model_deepcopies_pickles_and_quantizes(method):
+    model = _CharModel()
+    config = (
+        DictionaryConfig(ratio=3.0, **FAST)
+        if method == "dirnet"
+        else DictionaryConfig(budget_bytes=6000, method="svd", **FAST)
+    )
+    compress_(model, config, cache=CACHE)
+    kinds = {c.dense for c in model.lstm.codes}
+    assert kinds == ({False} if method == "dirnet" else {True})
+    x = torch.randint(0, 20, (3, 7))
+    model.eval()
+    refs = {}
+    for mode in ("codes", "dense"):  # the codes path caches a CSR matrix, which used to break copies
+        set_inference(model, mode)
+        with torch.no_grad():
+            refs[mode] = model(x)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the whole module, pickled
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert isinstance(other.lstm, DictRNN) and other.lstm.inference == "dense"
+        for mode in ("codes", "dense"):
+            set_inference(other, mode)
+            with torch.no_grad():
+                assert torch.equal(other(x), refs[mode]), mode
+    # torch.ao dynamic int8 reaches the compressed layer's dictionaries (and dense codes) too
+    quantized = _quantize_dynamic(model)
+    expected = len(model.lstm.codes) * (2 if method == "svd" else 1)
+    assert len(_quantized(quantized.lstm)) == expected and _quantized(quantized.dec) == [""]
+    assert _quantized(model) == []  # not in place: the original is untouched
+    for mode in ("codes", "dense"):
+        set_inference(quantized, mode)
+        with torch.no_grad():
+            out = quantized(x)
+        assert ((out - refs[mode]).norm() / refs[mode].norm()) < 0.05, mode
+    same = _quantize_dynamic(twin, inplace=True)
+    assert same is twin and len(_quantized(twin.lstm)) == expected
+    copy.deepcopy(quantized)  # and the quantized model is an ordinary module again
+
+
+def test_state_dicts_of_0_2_0_still_load():
+    model = _CharModel()
+    compress_(model, DictionaryConfig(budget_bytes=6000, method="svd", **FAST), cache=CACHE)  # dense codes
+    x = torch.randint(0, 20, (2, 5))
+    ref = _out_model(model, x)
+    old = {}
+    for key, value in model.state_dict().items():  # the keys of 0.2.0: plain parameters
+        key = key.replace("dictionary.weight", "dictionary").replace("dense_codes.weight", "values")
+        old[key] = value
+    assert "lstm.codes.0.dictionary" in old and "lstm.codes.0.values" in old
+    fresh = load(_CharModel(seed=3), old)
+    assert torch.equal(_out_model(fresh, x), ref)
+
+
+def _out_model(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_batched_omp_matches_scikit_learn():
+    sklearn_omp = pytest.importorskip("sklearn.linear_model").orthogonal_mp_gram
+    rng = np.random.default_rng(0)
+    for rows, n, k, s in [(70, 12, 20, 9), (40, 16, 8, 8)]:
+        d = rng.standard_normal((k, n))
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        x = rng.standard_normal((rows, n))
+        x[:5] = rng.standard_normal((5, 2)) @ d[:2]  # exact after two atoms: the path ends early
+        errors, support, values = omp(d, x, s)
+        z = np.zeros((rows, k))
+        np.put_along_axis(z, support, values, axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "ended prematurely" on the exact rows
+            ref = np.asarray(sklearn_omp(d @ d.T, d @ x.T, n_nonzero_coefs=s)).reshape(k, rows).T
+            for i in range(rows):
+                path = np.asarray(sklearn_omp(d @ d.T, d @ x[i], n_nonzero_coefs=s, return_path=True))
+                path = path.reshape(k, -1)
+                want = [((x[i] - path[:, min(t, path.shape[1] - 1)] @ d) ** 2).sum() for t in range(s)]
+                np.testing.assert_allclose(np.minimum.accumulate(errors[i]), want, atol=1e-10)
+        np.testing.assert_allclose(z, ref, atol=1e-10)
+        assert all(len(set(row)) == s for row in support)  # s distinct atoms a row
+
+
+def test_inference_batch_is_what_auto_times_and_a_forced_path_is_kept(monkeypatch):
+    seen = []
+    forward = DictRNN.forward
+
+    def spy(self, input, hx=None):
+        seen.append((self.inference, tuple(input.shape)))
+        return forward(self, input, hx)
+
+    monkeypatch.setattr(DictRNN, "forward", spy)
+    config = DictionaryConfig(ratio=3.0, **{**FAST, "inference": "auto"}, inference_batch=[(2, 3), (4, 5)])
+    assert config.inference_batch == ((2, 3), (4, 5))
+    report = compress_(_lstm(), config, cache=CACHE)  # batch_first: (batch, steps, features)
+    shapes = {shape for _, shape in seen}
+    assert shapes == {(2, 3, 8), (4, 5, 8)}
+    for mode in ("codes", "dense"):  # two warm-up calls and timing_repeats timed calls per shape
+        assert sum(1 for m, s in seen if m == mode and s == (2, 3, 8)) == 2 + config.timing_repeats
+    assert report.info["inference_batch"] == ((2, 3), (4, 5))
+    assert set(report.info["inference_seconds"]["net"]) == {"codes", "dense"}
+    # long calls: PyTorch's fused kernel on rebuilt weights beats the step-by-step codes path (one
+    # thread: on a busy machine two threads waiting for each other can stall either path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _lstm()
+        config = DictionaryConfig(ratio=3.0, **{**FAST, "inference": "auto"}, inference_batch=(8, 128))
+        compress_(model, config, cache=CACHE)
+    finally:
+        torch.set_num_threads(threads)
+    assert model.net.inference == "dense"
+    # a forced path is kept without timing
+    seen.clear()
+    for mode in ("codes", "dense"):
+        model = _lstm()
+        report = compress_(model, DictionaryConfig(ratio=3.0, **{**FAST, "inference": mode}), cache=CACHE)
+        assert model.net.inference == mode and report.info["inference_seconds"] == {}
+    assert seen == []
+
+
+def test_inference_batch_errors_and_the_old_spelling():
+    for bad in [(0, 1), (1,), "1x1", [(1, 1), (2,)], (1.5, 2), []]:
+        with pytest.raises(ValueError, match="inference_batch must be"):
+            DictionaryConfig(ratio=4, inference_batch=bad)
+    with pytest.warns(DeprecationWarning, match="inference_batch"):
+        config = DictionaryConfig(ratio=4, timing_batch=20, timing_steps=250)
+    assert config.inference_batch == (20, 250) and config.timing_batch is None
+    assert DictionaryConfig(ratio=4, inference_batch=[3, 4]).inference_batch == (3, 4)  # from JSON
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(
+    "progress, stream, drawn",
+    [
+        (None, _Terminal, True),  # the default of compress_: a bar on a terminal only
+        (None, io.StringIO, False),
+        (True, io.StringIO, True),  # asked for
+        (False, _Terminal, False),
+    ],
+)
+def test_progress_bar_over_the_dictionaries(monkeypatch, progress, stream, drawn):
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    compress_(_lstm(), DictionaryConfig(ratio=3.0, **FAST), progress=progress, cache=CACHE)
+    text = err.getvalue()
+    assert ("dirnet dictionaries" in text) == drawn
+    if drawn:
+        assert re.search(r"\d+/\d+ \[", text) and "dict" in text
+
+
+def test_missing_scikit_learn_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"learning needs the optional package 'sklearn'.*pip install"):
+        compress_(_lstm(seed=11), DictionaryConfig(ratio=3.0, **FAST), cache={})
+
+
+def test_default_grid_skips_full_size_dictionaries():
+    grid = DictionaryConfig(ratio=4).atom_grid
+    assert max(grid) == 0.75 and min(grid) == 1 / 32

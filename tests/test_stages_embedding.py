@@ -371,3 +371,14 @@ def test_load_into_a_mismatched_model_raises(tmp_path):
     fresh.embedding = LowRankEmbedding(fresh.embedding, model.embedding.rank + 1)
     with pytest.raises(ValueError, match="does not match"):
         fresh.load_state_dict(state, strict=False)
+
+
+def test_headline_reports_the_bytes_the_table_shows():
+    # packed codes: one uint8 element holds several codes, so elements and bytes fall differently
+    model = Tagger()
+    report = compress_(model, EmbeddingConfig(ratio=0.9, method="pq"))
+    assert report.reduction != pytest.approx(report.bytes_reduction, abs=1e-3)
+    total = str(report).splitlines()[-1]
+    assert total.startswith("total (model)") and f"-{100 * report.bytes_reduction:.1f}% bytes" in total
+    assert report.bytes_reduction == pytest.approx(1 - 1 / report.ratio)
+    assert report.to_dict()["bytes_reduction"] == report.bytes_reduction

@@ -177,6 +177,30 @@ def test_nothing_selected_and_root_layer_raise():
         compress_(nn.Linear(3, 3), HalfConfig())
 
 
+def test_nothing_left_to_compress_says_the_layers_are_already_compressed():
+    model = mlp()
+    compress_(model, HalfConfig())
+    with pytest.raises(ValueError) as err:
+        compress_(model, HalfConfig())
+    msg = str(err.value)
+    assert msg.startswith("no layer selected for stage 'test-half' (supported: nn.Linear)")
+    assert "layers '0' (stage 'test-half'), '2' (stage 'test-half') are already compressed" in msg
+    with pytest.raises(ValueError, match="filter_fn selected none.*'0' \\(stage 'test-half'\\)"):
+        compress_(model, HalfConfig(), filter_fn=lambda m, n: n == "0")
+    # a model with nothing compressed says nothing about it
+    with pytest.raises(ValueError) as err:
+        compress_(nn.Sequential(nn.Embedding(5, 6)), HalfConfig())
+    assert "already" not in str(err.value)
+
+
+def test_headline_is_the_share_of_bytes_removed():
+    model = mlp()
+    report = compress_(model, HalfConfig())  # fp16: the same elements, half the bytes of the Linears
+    assert report.reduction == 0.0 and 0 < report.bytes_reduction == pytest.approx(1 - 1 / report.ratio)
+    total = report.table().splitlines()[-1]
+    assert f"-{100 * report.bytes_reduction:.1f}% bytes" in total and "% params" not in total
+
+
 def test_storage_counts_buffers_dtypes_and_shared_tensors_once():
     bn = nn.BatchNorm1d(4)  # 8 params + running mean/var (4 + 4) + num_batches_tracked (int64)
     assert module_params(bn) == 8 + 8 + 1
@@ -311,9 +335,15 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize(
     "progress, stream, drawn",
-    [(False, _Terminal, False), (True, io.StringIO, False), (True, _Terminal, True)],
+    [
+        (False, _Terminal, False),  # never
+        (True, io.StringIO, True),  # asked for: drawn on any stderr
+        (True, _Terminal, True),
+        (None, _Terminal, True),  # compress_'s default: on a terminal only
+        (None, io.StringIO, False),
+    ],
 )
-def test_finetune_progress_bar_on_request_and_only_on_a_terminal(monkeypatch, progress, stream, drawn):
+def test_finetune_progress_bar_on_request_or_on_a_terminal(monkeypatch, progress, stream, drawn):
     err = stream()
     monkeypatch.setattr(sys, "stderr", err)
     finetune(mlp(), 3, data=_batches(), train_step=_mse, optimizer=_sgd, label="demo", progress=progress)

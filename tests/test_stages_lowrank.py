@@ -1,6 +1,7 @@
 """The low-rank stage: exact factorization, rank selection, the regulariser, config errors, save/load."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -293,3 +294,33 @@ def test_smallcnn_save_load_round_trip(tmp_path):
     assert stages.module_params(fresh) == report.params_after
     with pytest.raises(ValueError, match="shape"):
         stages.load(SmallCNN(image_size=8, channels=(4, 8, 8), hidden=32), path)
+
+
+def test_unreachable_ratio_states_the_budget_and_what_rank_1_keeps():
+    model = mlp(width=32)  # 64 -> 32 -> 32 -> 16: 3,664 parameters
+    total = sum(p.numel() for p in model.parameters())
+    budget = math.floor((1 - 0.999) * total)
+    rank1 = (64 + 32 + 32) + (32 + 32 + 32) + (32 + 16 + 16)  # rank-1 factors plus biases
+    with pytest.raises(ValueError) as err:
+        compress_(model, LowRankConfig(ratio=0.999, method="energy"))
+    msg = str(err.value)
+    assert f"budget of {budget:,} of the selected layers' {total:,} parameters" in msg
+    assert f"rank 1 in every selected layer keeps {rank1:,}" in msg
+    assert f"largest reachable ratio is about {math.floor(1e4 * (1 - rank1 / total)) / 1e4:.4f}" in msg
+    with pytest.raises(ValueError, match=f"keeps {rank1:,}"):  # the beam search says the same
+        compress_(mlp(width=32), LowRankConfig(ratio=0.999, method="bsr"), evaluate=lambda m: 0.0)
+    # the ratio it names is reachable
+    largest = math.floor(1e4 * (1 - rank1 / total)) / 1e4
+    report = compress_(mlp(width=32), LowRankConfig(ratio=largest, method="energy"))
+    assert report.info["ranks"] == {"0": 1, "2": 1, "4": 1}
+
+
+def test_compressing_again_says_the_layers_are_already_compressed():
+    model = mlp(width=32)
+    compress_(model, LowRankConfig(ratio=0.5, method="energy"))
+    with pytest.raises(ValueError) as err:
+        compress_(model, LowRankConfig(ratio=0.5, method="energy"))
+    msg = str(err.value)
+    assert "no layer selected for stage 'lowrank'" in msg
+    assert "'0' (stage 'lowrank'), '2' (stage 'lowrank'), '4' (stage 'lowrank') are already compressed" in msg
+    assert "start from the uncompressed model" in msg

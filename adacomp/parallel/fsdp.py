@@ -68,9 +68,9 @@ from .exchange import (
     ExchangeState,
     StepLedger,
     all_zero,
-    dense_flags,
     check_headers,
     config_hash,
+    dense_flags,
     error_meta,
 )
 

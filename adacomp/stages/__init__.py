@@ -10,8 +10,10 @@ In the style of torchao's ``quantize_``::
     model = load(build_model(), "small.pt")          # rebuilds the compressed layers, loads weights
 
 Stages register with :func:`register_stage`; :func:`compress_` picks one by its config's type.
-Every stage that trains runs :func:`finetune`, the one training loop (``progress=True`` in
-:func:`compress_` draws a progress bar on a terminal).
+Every stage that trains runs :func:`finetune`, the one training loop; :func:`compress_` draws
+progress bars of slow phases when stderr is a terminal (``progress=True``: always, ``False``: never).
+Optional dependencies (scikit-learn, ``constriction``) are imported only by the stage that needs
+them, with an ``ImportError`` naming what to install when they are missing.
 Registered here: ``lowrank`` (:class:`LowRankConfig`, BSR low-rank factorization, Eo et al. 2023),
 ``embedding`` (:class:`EmbeddingConfig`, task-aware compression of word-embedding tables,
 Sathyendra et al. 2020, ``docs/embedding.md``),

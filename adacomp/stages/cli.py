@@ -234,7 +234,7 @@ def _run_compress(args) -> int:
             evaluate=getattr(user, "evaluate", None),
             train_step=getattr(user, "train_step", None),
             log=log,
-            progress=not args.quiet,
+            progress=False if args.quiet else None,  # a bar on a terminal only
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None

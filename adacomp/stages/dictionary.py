@@ -14,9 +14,10 @@ non-zeros. The dictionary is learned with scikit-learn's :class:`MiniBatchDictio
 which minimises ``1/2 ||M - Z D||_F^2 + lambda ||Z||_1`` over unit-norm atoms (the paper's
 objective), started from the top-``k`` right singular vectors of ``M``; ``lambda`` is
 ``alpha`` times the mean over rows of the smallest ``lambda`` that zeroes the row's code (scale
-free). The stored codes are then computed by orthogonal matching pursuit (scikit-learn's
-``orthogonal_mp_gram``) with exactly ``s`` non-zeros per row, so the size is known exactly, and
-OMP's values are the least-squares optimum on their support. When ``s`` is so close to ``k`` that a
+free). The stored codes are then computed by orthogonal matching pursuit (:func:`omp`: the
+algorithm of scikit-learn's ``orthogonal_mp_gram``, vectorized over rows in ``torch``) with exactly
+``s`` non-zeros per row, so the size is known exactly, and OMP's values are the least-squares
+optimum on their support. When ``s`` is so close to ``k`` that a
 dense ``m x k`` code matrix is smaller than values plus indices, the codes are stored dense.
 
 Shared projection (after Prabhavalkar et al. 2016)
@@ -57,10 +58,23 @@ Inference
 A compressed module runs in one of two ways, chosen per module (``inference``): ``"codes"``
 computes ``Z (D h)`` step by step without ever forming a dense weight (the shared projection is
 computed once per step); ``"dense"`` rebuilds the dense weights once per call and runs PyTorch's
-fused RNN kernel. ``"auto"`` (default) times both on an input of ``timing_batch x timing_steps``
-(default one token of one sequence, i.e. streaming generation) and keeps the faster. Training
-(fine-tuning) always uses the dense path, which back-propagates into ``D`` and the code values; the
-sparsity pattern stays fixed.
+fused RNN kernel. ``"auto"`` (default) times both on the call shapes ``inference_batch`` (default
+``(1, 1)``: one token of one sequence, i.e. streaming generation), two warm-up calls and the median
+of ``timing_repeats`` calls per path, and keeps the faster; ``"codes"`` / ``"dense"`` force a path.
+Training (fine-tuning) always uses the dense path, which back-propagates into ``D`` and the code
+values; the sparsity pattern stays fixed.
+
+A compressed module is an ordinary ``nn.Module``: it deep-copies, pickles (``torch.save(model)``)
+and takes ``torch.ao`` dynamic quantization, which finds the dictionaries and dense codes as
+``nn.Linear`` submodules (:class:`SparseCodes`).
+
+Selection and progress
+----------------------
+Without ``filter_fn`` the stage compresses every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``; an
+``nn.Linear`` only when ``filter_fn`` selects it. Learning the dictionaries is the slow part (a
+2 x 256 LSTM at 4x: 15 to 45 s on two busy cores with the default grid, ``docs/dirnet.md``);
+``compress_`` shows a ``tqdm`` bar over them when stderr is a terminal (``progress=True`` always,
+``False`` never).
 """
 
 from __future__ import annotations
@@ -68,8 +82,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +94,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frame import EXTRA_STATE_KEY, LayerRecord, Stage, finetune, layer_sizes, module_bytes, register_stage
+from .frame import (
+    EXTRA_STATE_KEY,
+    SKLEARN_INSTALL,
+    LayerRecord,
+    Stage,
+    finetune,
+    layer_sizes,
+    module_bytes,
+    optional_import,
+    progress_bar,
+    register_stage,
+)
 
 __all__ = [
     "DICTIONARY_METHODS",
@@ -114,15 +141,25 @@ class DictionaryConfig:
             one code density for all groups), ``"svd"`` (shared-projection SVD baseline) or
             ``"fixed"`` (``atoms`` and ``nonzeros`` by group name).
         shared_projection: stack ``W_hh^l`` with ``W_ih^(l+1)`` under one dictionary.
-        atom_grid: candidate atom counts as fractions of the input size ``n`` (``dirnet``).
+        atom_grid: candidate atom counts as fractions of the input size ``n`` (``dirnet``). The
+            default stops at ``3/4``: ``k = n`` atoms (``1.0``) cost a dictionary as large as an
+            ``n x n`` block, which pays only below about 2x, and more time than all other
+            fractions together; add ``1.0`` for such ratios.
         max_nonzeros: the largest code sparsity ``s`` tried (``dirnet``).
         uniform_density: ``s / k`` of every group for ``method="uniform"``.
         atoms, nonzeros: ``{group name: k}`` and ``{group name: s}`` for ``method="fixed"``
             (group names: ``report.info["groups"]``).
         alpha: the lasso weight of dictionary learning relative to its scale-free maximum.
         dl_epochs: passes of :class:`MiniBatchDictionaryLearning` over the rows.
-        inference: ``"auto"``, ``"codes"`` or ``"dense"`` (see the module docstring).
-        timing_batch, timing_steps: the input shape ``"auto"`` times (batch, time steps).
+        inference: ``"auto"``, ``"codes"`` or ``"dense"`` (see the module docstring); ``"codes"``
+            or ``"dense"`` forces that path without timing.
+        inference_batch: the call shape ``"auto"`` times, ``(batch, time steps)``, or a list of
+            such shapes (their median times are summed): set it to the deployment's calls. The
+            default ``(1, 1)`` is streaming generation, one token of one sequence, where the codes
+            path wins; from about 32 time steps per call the dense path wins.
+        timing_repeats: timed calls per path and shape after two warm-up calls; the median counts.
+        timing_batch, timing_steps: deprecated (0.2.0) spelling of ``inference_batch=(batch,
+            steps)``; given, they override it with a ``DeprecationWarning``.
         finetune_steps: steps of training after compression (needs ``data`` and ``train_step``).
         optimizer: ``"adam"`` or ``"sgd"`` for fine-tuning (unless ``make_optimizer`` is given).
         lr, momentum, weight_decay, schedule: fine-tuning settings (``schedule``: ``"cosine"``
@@ -134,7 +171,7 @@ class DictionaryConfig:
     budget_bytes: int | None = None
     method: str = "dirnet"
     shared_projection: bool = True
-    atom_grid: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+    atom_grid: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
     max_nonzeros: int = 64
     uniform_density: float = 0.25
     atoms: dict[str, int] | None = None
@@ -142,8 +179,10 @@ class DictionaryConfig:
     alpha: float = 0.1
     dl_epochs: int = 3
     inference: str = "auto"
-    timing_batch: int = 1
-    timing_steps: int = 1
+    inference_batch: tuple[int, int] | list[tuple[int, int]] = (1, 1)
+    timing_repeats: int = 9
+    timing_batch: int | None = None
+    timing_steps: int | None = None
     finetune_steps: int = 0
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -197,9 +236,24 @@ class DictionaryConfig:
             raise ValueError(
                 f"atom_grid must hold positive fractions of the input size, got {self.atom_grid}"
             )
-        for name in ("max_nonzeros", "dl_epochs", "timing_batch", "timing_steps"):
+        for name in ("max_nonzeros", "dl_epochs", "timing_repeats"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.timing_batch is not None or self.timing_steps is not None:
+            warnings.warn(
+                "DictionaryConfig(timing_batch=, timing_steps=) is deprecated: pass "
+                "inference_batch=(batch, steps)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            batch, steps = self.timing_batch or 1, self.timing_steps or 1
+            if not _is_int(batch) or not _is_int(steps) or batch < 1 or steps < 1:
+                raise ValueError(
+                    f"timing_batch and timing_steps must be positive integers, got {batch!r}, {steps!r}"
+                )
+            self.inference_batch = (batch, steps)
+            self.timing_batch = self.timing_steps = None
+        self.inference_batch = _shapes(self.inference_batch)
         if not _is_int(self.finetune_steps) or self.finetune_steps < 0:
             raise ValueError(f"finetune_steps must be a non-negative integer, got {self.finetune_steps!r}")
         if not 0 < self.uniform_density <= 1:
@@ -223,6 +277,26 @@ def _is_int(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
+def _shapes(value: Any) -> tuple[int, int] | tuple[tuple[int, int], ...]:
+    """``inference_batch`` normalized: one ``(batch, steps)`` pair, or a tuple of them (a list
+    from JSON is accepted); ``ValueError`` naming the field otherwise."""
+
+    def pair(v: Any) -> tuple[int, int] | None:
+        if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v):
+            return int(v[0]), int(v[1])
+        return None
+
+    one = pair(value)
+    if one is not None:
+        return one
+    if isinstance(value, (tuple, list)) and value and all(pair(v) is not None for v in value):
+        return tuple(pair(v) for v in value)
+    raise ValueError(
+        f"inference_batch must be (batch, time steps) with positive integers, or a list of such "
+        f"pairs, e.g. (1, 1) or [(1, 1), (20, 250)]; got {value!r}"
+    )
+
+
 # --------------------------------------------------------------------------- sparse codes
 
 
@@ -244,37 +318,96 @@ def code_bytes(m: int, n: int, k: int, s: int, value_bytes: int = 4) -> tuple[in
 class SparseCodes(nn.Module):
     """``M ~= Z D``: a ``k x n`` dictionary and an ``m x k`` code matrix with ``s`` non-zeros a row.
 
-    Parameters: ``dictionary`` (``k x n``) and ``values`` (``m x s``, or ``m x k`` dense codes);
-    buffer ``indices`` (``m x s``, the smallest integer dtype for ``k``; absent for dense codes).
+    Submodules and tensors (all ``float32`` unless built with another ``dtype``):
+
+    * ``dictionary``: an ``nn.Linear(n, k, bias=False)`` whose ``weight`` is ``D`` (``k x n``), so
+      ``dictionary(x) = D x`` projects onto the atoms;
+    * sparse codes: parameter ``values`` (``m x s``) and buffer ``indices`` (``m x s``, the smallest
+      integer dtype for ``k``, :func:`index_dtype`): row ``i`` of ``Z`` holds ``values[i, j]`` at
+      column ``indices[i, j]``; ``dense_codes`` is ``None``;
+    * dense codes (``dense=True``): ``dense_codes``, an ``nn.Linear(k, m, bias=False)`` whose
+      ``weight`` is ``Z`` (``m x k``); ``values`` and ``indices`` are ``None``.
+
+    The dense parts are ordinary ``nn.Linear`` modules so that ``torch.ao`` dynamic quantization
+    (``quantize_dynamic(model, {nn.Linear, ...})``) finds and quantizes them; every method here
+    also works on the quantized modules (their weights are dequantized where a matrix is needed).
+    The sparse code matrix is built on the fly (a CSR tensor cached for inference) and never
+    stored, so the module deep-copies and pickles like any other. State-dict keys of 0.2.0
+    (``dictionary``; ``values`` of dense codes) still load.
     """
 
     def __init__(self, m: int, n: int, k: int, s: int, dense: bool, dtype=None, device=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.m, self.n, self.k, self.s, self.dense = m, n, k, (k if dense else s), dense
-        self.dictionary = nn.Parameter(torch.zeros(k, n, **kw))
-        self.values = nn.Parameter(torch.zeros(m, self.s, **kw))
+        self.dictionary = nn.Linear(n, k, bias=False, **kw)
+        nn.init.zeros_(self.dictionary.weight)
         if dense:
+            self.dense_codes = nn.Linear(k, m, bias=False, **kw)
+            nn.init.zeros_(self.dense_codes.weight)
+            self.values = None
             self.indices = None
         else:
+            self.dense_codes = None
+            self.values = nn.Parameter(torch.zeros(m, s, **kw))
             self.register_buffer("indices", torch.zeros(m, s, dtype=index_dtype(k), device=device))
         self._cache: tuple | None = None
 
+    # -- pickling and copying: the CSR cache is derived data (and cannot be deep-copied)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # keys of 0.2.0, where the dictionary and dense codes were plain parameters
+        legacy = {"dictionary": "dictionary.weight", "values": "dense_codes.weight" if self.dense else None}
+        for old, new in legacy.items():
+            if new is not None and prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        self._cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- the matrices
+
+    @staticmethod
+    def _weight(linear: nn.Module) -> torch.Tensor:
+        """The float weight of an ``nn.Linear`` or of its ``torch.ao`` (dynamic) quantized version."""
+        w = linear.weight
+        return w().dequantize() if callable(w) else w
+
+    def dictionary_matrix(self) -> torch.Tensor:
+        """``D`` (``k x n``; differentiable unless the dictionary was quantized)."""
+        return self._weight(self.dictionary)
+
     def code_matrix(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The dense ``Z[rows]`` (differentiable in ``values``)."""
+        """The dense ``Z[rows]`` (``rows x k``; differentiable in the code values)."""
         if self.dense:
-            return self.values[rows]
+            return self._weight(self.dense_codes)[rows]
         vals = self.values[rows]
         z = vals.new_zeros(vals.shape[0], self.k)
         return z.scatter_add(1, self.indices[rows].long(), vals)
 
     def matrix(self, rows: slice = slice(None)) -> torch.Tensor:
-        """``Z[rows] D``."""
-        return self.code_matrix(rows) @ self.dictionary
+        """``Z[rows] D`` (``rows x n``)."""
+        return self.code_matrix(rows) @ self.dictionary_matrix()
+
+    @torch.no_grad()
+    def set_(self, dictionary: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> None:
+        """Copy in ``D`` (``k x n``), the code values (``m x s``, or ``m x k`` dense codes) and,
+        for sparse codes, their atom indices (``m x s``)."""
+        self.dictionary.weight.copy_(dictionary)
+        if self.dense:
+            self.dense_codes.weight.copy_(values)
+        else:
+            self.values.copy_(values)
+            self.indices.copy_(indices)
+        self._cache = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``D x`` over the last dimension (``... x n -> ... x k``)."""
-        return x @ self.dictionary.t()
+        return self.dictionary(x)
 
     def _sparse(self, rows: slice) -> torch.Tensor:
         """``Z[rows]`` as a CSR tensor, cached while the parameters do not change."""
@@ -293,7 +426,12 @@ class SparseCodes(nn.Module):
 
     def decode(self, p: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """``Z[rows] p`` over the last dimension (``... x k -> ... x rows``), never forming ``Z D``."""
-        if self.dense or torch.is_grad_enabled():
+        if self.dense:
+            if callable(self.dense_codes.weight):  # quantized: its own kernel, then the rows
+                out = self.dense_codes(p)
+                return out if rows == slice(None) else out[..., rows]
+            return F.linear(p, self.dense_codes.weight[rows])
+        if torch.is_grad_enabled():
             return p @ self.code_matrix(rows).t()
         flat = p.reshape(-1, self.k)
         out = (self._sparse(rows) @ flat.t()).t()
@@ -388,6 +526,23 @@ class _Option:
     error: float  # ||M - Z D||_F^2
 
 
+def _one_blas_thread(method):
+    """Run ``method`` with NumPy's BLAS (and OpenMP) on one thread, when ``threadpoolctl`` (a
+    scikit-learn dependency) is there: the matrices are small, and on a busy CPU the threads'
+    waiting made dictionary learning 3 to 10 times slower."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return method(*args, **kwargs)
+        with threadpool_limits(limits=1):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class _GroupFit:
     """Dictionaries and error curves of one group, computed lazily and cached."""
 
@@ -402,6 +557,7 @@ class _GroupFit:
         self.energy = float((matrix**2).sum())
         self._svd: tuple | None = None
 
+    @_one_blas_thread
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._svd is None:
             key = self.key + ("svd",)
@@ -418,6 +574,7 @@ class _GroupFit:
         s = self.svd()[1]
         return float((s[r:] ** 2).sum())
 
+    @_one_blas_thread
     def dictionary(self, k: int, source: str) -> np.ndarray:
         """``k`` unit-norm atoms (``k x n``): the SVD basis, or learned from it by scikit-learn."""
         key = self.key + ("dict", k, source)
@@ -433,8 +590,9 @@ class _GroupFit:
         if source == "svd":
             atoms = init
         else:
-            from sklearn.decomposition import MiniBatchDictionaryLearning
-
+            MiniBatchDictionaryLearning = optional_import(
+                "sklearn.decomposition", SKLEARN_INSTALL, "DirNet's dictionary learning"
+            ).MiniBatchDictionaryLearning
             # lambda_max of a row is max_j |<d_j, x>|: the smallest lasso weight that zeroes its code
             scale = float(np.abs(self.matrix @ init.T).max(axis=1).mean())
             learner = MiniBatchDictionaryLearning(
@@ -456,32 +614,18 @@ class _GroupFit:
         return atoms
 
     def omp_errors(self, k: int, source: str, s_max: int) -> np.ndarray:
-        """``errors[s - 1] = ||M - Z_s D||_F^2`` for ``s = 1 .. s_max`` (OMP's path)."""
+        """``errors[s - 1] = ||M - Z_s D||_F^2`` for ``s = 1 .. s_max`` (OMP's path, :func:`omp`)."""
         key = self.key + ("omp", k, source)
         if key in self.cache and len(self.cache[key]) >= s_max:
             return self.cache[key][:s_max]
         d = self.dictionary(k, source)
-        gram = d @ d.T
-        total = np.zeros(s_max)
-        for start in range(0, self.m, 256):
-            x = self.matrix[start : start + 256]
-            xy = d @ x.T  # k x rows
-            norms = (x**2).sum(1)
-            path = _omp_path(gram, xy, s_max)  # k x rows x steps
-            steps = path.shape[2]
-            err = (
-                norms[:, None]
-                - 2 * np.einsum("kr,krs->rs", xy, path)
-                + np.einsum("krs,kj,jrs->rs", path, gram, path)
-            )
-            err = np.maximum(err, 0.0)
-            if steps < s_max:  # OMP stopped early (exact fit): the error stays
-                err = np.concatenate([err, np.repeat(err[:, -1:], s_max - steps, axis=1)], axis=1)
-            # rows whose path ended early are zero-filled after the end: keep their best error
-            total += np.minimum.accumulate(err, axis=1).sum(0)
+        errors = omp(d, self.matrix, s_max)[0]  # rows x s_max
+        # a row whose path ended early keeps its error: the curve never rises
+        total = np.minimum.accumulate(errors, axis=1).sum(0)
         self.cache[key] = total
         return total
 
+    @_one_blas_thread
     def dense_error(self, k: int, source: str) -> float:
         """Error of the least-squares (dense) codes on the ``k``-atom dictionary."""
         if source == "svd":
@@ -493,12 +637,16 @@ class _GroupFit:
     def atoms_for(self, fraction: float) -> int:
         return max(1, int(round(fraction * self.n)))
 
-    def options(self, max_bytes: int) -> list[_Option]:
-        """The DirNet candidates of this group that fit in ``max_bytes``."""
+    def atom_counts(self, max_bytes: int) -> list[int]:
+        """The atom counts of ``atom_grid`` whose sparsest codes fit in ``max_bytes``."""
+        ks = sorted({self.atoms_for(f) for f in self.config.atom_grid})
+        return [k for k in ks if code_bytes(self.m, self.n, k, 1)[0] <= max_bytes]
+
+    def options(self, max_bytes: int, tick: Callable[[], Any] | None = None) -> list[_Option]:
+        """The DirNet candidates of this group that fit in ``max_bytes``; ``tick()`` after each
+        dictionary (two per atom count: the SVD basis and the learned one)."""
         out = []
-        for k in sorted({self.atoms_for(f) for f in self.config.atom_grid}):
-            if code_bytes(self.m, self.n, k, 1)[0] > max_bytes:
-                continue
+        for k in self.atom_counts(max_bytes):
             # no more non-zeros than the budget can hold (values and indices of all m rows)
             per_nonzero = 4 + torch.empty((), dtype=index_dtype(k)).element_size()
             s_max = min(
@@ -513,6 +661,8 @@ class _GroupFit:
                 nbytes, _ = code_bytes(self.m, self.n, k, k)
                 if nbytes <= max_bytes:
                     out.append(_Option(k, k, source, True, nbytes, self.dense_error(k, source)))
+                if tick is not None:
+                    tick()
         return out
 
     def svd_options(self, max_bytes: int) -> list[_Option]:
@@ -531,6 +681,7 @@ class _GroupFit:
             return _Option(k, k, source, True, nbytes, math.nan)
         return _Option(k, s, source, False, nbytes, math.nan)
 
+    @_one_blas_thread
     def codes(self, opt: _Option) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
         """``(D, values, indices, error)`` for ``opt`` (``indices`` is ``None`` for dense codes)."""
         if opt.source == "svd" and opt.dense:
@@ -546,41 +697,101 @@ class _GroupFit:
         if opt.dense:
             z = np.linalg.lstsq(d.T, self.matrix.T, rcond=None)[0].T
             return d, z, None, float(((self.matrix - z @ d) ** 2).sum())
-        from sklearn.linear_model import orthogonal_mp_gram
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            coef = orthogonal_mp_gram(
-                d @ d.T, d @ self.matrix.T, n_nonzero_coefs=opt.s, norms_squared=(self.matrix**2).sum(1)
-            )
-        z = np.asarray(coef).reshape(opt.k, self.m).T  # m x k
-        # s slots a row: the OMP support (possibly shorter, padded with zero values on unused atoms)
-        order = np.argsort(z == 0, axis=1, kind="stable")[:, : opt.s]
-        values = np.take_along_axis(z, order, axis=1)
-        return d, values, order, float(((self.matrix - z @ d) ** 2).sum())
+        # s slots a row: the OMP support (a row that ended early has zero values on unused atoms)
+        _, support, values = omp(d, self.matrix, opt.s)
+        order = np.argsort(support, axis=1, kind="stable")  # ascending atom index in each row
+        support = np.take_along_axis(support, order, axis=1)
+        values = np.take_along_axis(values, order, axis=1)
+        z = np.zeros((self.m, opt.k))
+        np.put_along_axis(z, support, values, axis=1)
+        return d, values, support, float(((self.matrix - z @ d) ** 2).sum())
 
 
-def _omp_path(gram: np.ndarray, xy: np.ndarray, s_max: int) -> np.ndarray:
-    """OMP coefficients after each of ``1 .. s_max`` steps, ``k x rows x steps`` (scikit-learn).
+def omp(
+    dictionary: np.ndarray, matrix: np.ndarray, steps: int, chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthogonal matching pursuit of every row of ``matrix`` on ``dictionary``, ``steps`` atoms.
 
-    scikit-learn's multi-target path trims its output to the first row's path length, which fails
-    (IndexError) when a later row's path is longer; such chunks are solved row by row.
+    The algorithm of scikit-learn's ``orthogonal_mp_gram`` (Cholesky-updated least squares on the
+    Gram matrix, the atom of largest ``|<d_j, residual>|`` added at each step, a row ending early
+    when that correlation or the new atom's independence falls below machine epsilon), vectorized
+    over the rows in float64 ``torch`` instead of a Python loop per row.
+
+    Args:
+        dictionary: ``D``, ``k x n`` (unit-norm atoms), ``steps <= k``.
+        matrix: ``M``, ``rows x n``.
+        steps: the number of atoms per row, ``>= 1``.
+        chunk: rows solved together (memory ``chunk * k * steps`` float64 values).
+
+    Returns:
+        ``(errors, support, values)``: ``errors[i, t] = ||M_i - z D||^2`` after ``t + 1`` steps
+        (``rows x steps``, float64); ``support`` (``rows x steps``, int64, distinct atoms in the
+        order chosen) and ``values`` (``rows x steps``, float64) the codes after ``steps`` steps;
+        a row that ended early holds value 0 on its remaining (unused) atoms.
     """
-    from sklearn.linear_model import orthogonal_mp_gram
+    d = torch.tensor(np.asarray(dictionary), dtype=torch.float64)  # copies (cached arrays are read-only)
+    x = torch.tensor(np.asarray(matrix), dtype=torch.float64)
+    if not 1 <= steps <= d.shape[0]:
+        raise ValueError(f"steps must lie in 1 .. {d.shape[0]} (the atoms), got {steps}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small steps: threads would mostly wait (and stall on a busy CPU)
+    try:
+        return _omp(d, x, steps, chunk)
+    finally:
+        torch.set_num_threads(threads)
 
-    k, rows = xy.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            path = orthogonal_mp_gram(gram, xy, n_nonzero_coefs=s_max, return_path=True, copy_Xy=True)
-            return np.asarray(path).reshape(k, rows, -1)
-        except IndexError:
-            out = np.zeros((k, rows, s_max))
-            for r in range(rows):
-                one = np.asarray(orthogonal_mp_gram(gram, xy[:, r], n_nonzero_coefs=s_max, return_path=True))
-                one = one.reshape(k, -1)
-                out[:, r, : one.shape[1]] = one
-            return out
+
+def _omp(d: torch.Tensor, x: torch.Tensor, steps: int, chunk: int) -> tuple[np.ndarray, ...]:
+    """The body of :func:`omp`, on float64 tensors."""
+    k = d.shape[0]
+    gram = d @ d.t()
+    eps = float(np.finfo(np.float64).eps)  # scikit-learn's threshold for both early ends
+    errors, supports, values = [], [], []
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk]
+        rows = xc.shape[0]
+        index = torch.arange(rows)
+        alpha = xc @ d.t()  # rows x k: <d_j, residual>, at first <d_j, x>
+        xy = alpha.clone()
+        norms = (xc * xc).sum(1)
+        # The support's atoms D_S = L Q with orthonormal rows q_j (Cholesky L of G_SS):
+        # c[:, j] = D q_j, u = L^-1 D_S x, residual energy ||x||^2 - ||u||^2.
+        lower = torch.zeros(rows, steps, steps, dtype=torch.float64)
+        c = torch.zeros(rows, steps, k, dtype=torch.float64)
+        u = torch.zeros(rows, steps, dtype=torch.float64)
+        support = torch.zeros(rows, steps, dtype=torch.int64)
+        taken = torch.zeros(rows, k, dtype=torch.float64)  # -inf on atoms in the support
+        alive = torch.ones(rows, dtype=torch.bool)
+        err = torch.zeros(rows, steps, dtype=torch.float64)
+        for t in range(steps):
+            lam = (alpha.abs() + taken).argmax(1)  # the unused atom most correlated with the residual
+            ok = alive & (alpha[index, lam] ** 2 >= eps)
+            w = c[index, :t, lam]  # L^-1 G[S, lam] = (<q_j, d_lam>)_j
+            lkk = gram[lam, lam] - (w * w).sum(1)
+            ok &= lkk > eps
+            alive = ok
+            diag = torch.where(ok, lkk.clamp_min(eps).sqrt(), 1.0)
+            c_t = (gram[lam] - torch.bmm(w[:, None, :], c[:, :t]).squeeze(1)) / diag[:, None]
+            u_t = (xy[index, lam] - (w * u[:, :t]).sum(1)) / diag
+            # a row that ended gets a neutral slot: unit diagonal, no coupling, zero coefficient
+            c[:, t] = torch.where(ok[:, None], c_t, 0.0)
+            u[:, t] = torch.where(ok, u_t, 0.0)
+            lower[:, t, :t] = torch.where(ok[:, None], w, 0.0)
+            lower[:, t, t] = diag
+            support[:, t] = lam
+            taken[index, lam] = -math.inf
+            alpha = alpha - c[:, t] * u[:, t : t + 1]
+            err[:, t] = (norms - (u[:, : t + 1] ** 2).sum(1)).clamp_min(0.0)
+        # the coefficients on the support: L^T gamma = u
+        gamma = torch.linalg.solve_triangular(lower.transpose(1, 2), u[..., None], upper=True).squeeze(-1)
+        errors.append(err)
+        supports.append(support)
+        values.append(gamma)
+    return (
+        torch.cat(errors).numpy(),
+        torch.cat(supports).numpy(),
+        torch.cat(values).numpy(),
+    )
 
 
 # --------------------------------------------------------------------------- allocation
@@ -868,6 +1079,17 @@ class DictRNN(_Compressed):
         return out, ((h_n, torch.stack(c_n)) if self.mode == "LSTM" else h_n)
 
 
+def _log(log: Callable[[str], None] | None, bar, msg: str) -> None:
+    """``log(msg)``, with a drawn progress bar stepping aside while the line is written."""
+    if log is None:
+        return
+    if bar is None:
+        log(msg)
+    else:
+        with bar.external_write_mode(file=sys.stderr):
+            log(msg)
+
+
 def _build(module: nn.Module, layout: list[dict]) -> _Compressed:
     return DictLinear(module, layout) if type(module) is nn.Linear else DictRNN(module, layout)
 
@@ -881,28 +1103,53 @@ def set_inference(model: nn.Module, mode: str) -> None:
             mod.inference = mode
 
 
-def _time_modes(module: _Compressed, batch: int, steps: int, repeats: int = 20) -> dict[str, float]:
-    """Median seconds of one call in each inference mode on a random input."""
+def _timing_input(module: _Compressed, batch: int, steps: int) -> torch.Tensor:
+    """A random input of ``batch`` sequences of ``steps`` time steps in the module's layout."""
     p = next(module.parameters())
     if isinstance(module, DictLinear):
-        x = torch.randn(batch, steps, module.in_features, dtype=p.dtype, device=p.device)
-    else:
-        shape = (batch, steps, module.input_size) if module.batch_first else (steps, batch, module.input_size)
-        x = torch.randn(*shape, dtype=p.dtype, device=p.device)
+        return torch.randn(batch, steps, module.in_features, dtype=p.dtype, device=p.device)
+    shape = (batch, steps, module.input_size) if module.batch_first else (steps, batch, module.input_size)
+    return torch.randn(*shape, dtype=p.dtype, device=p.device)
+
+
+def _time_modes(
+    module: _Compressed,
+    batch: int | None = None,
+    steps: int | None = None,
+    repeats: int = 9,
+    *,
+    shapes: Any = None,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Seconds of one call in each inference mode, ``{"codes": s, "dense": s}``.
+
+    For every ``(batch, steps)`` of ``shapes`` (or the one pair ``batch, steps``) on a random
+    input: ``warmup`` untimed calls of each path (caches, allocator), then ``repeats`` timed calls
+    of each, the two paths alternating so that a burst of other load hits both; the median of a
+    path's calls counts, summed over the shapes. Runs in eval mode without gradients and restores
+    the module's mode and path.
+    """
+    if shapes is None:
+        shapes = ((batch or 1, steps or 1),)
+    elif isinstance(shapes[0], int):
+        shapes = (tuple(shapes),)
     was_training, mode = module.training, module.inference
     module.eval()
-    times = {}
+    times = {"codes": 0.0, "dense": 0.0}
     try:
         with torch.no_grad():
-            for m in ("codes", "dense"):
-                module.inference = m
-                module(x)  # warm-up (and the CSR cache)
-                ts = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    module(x)
-                    ts.append(time.perf_counter() - t0)
-                times[m] = float(np.median(ts))
+            for b, t in shapes:
+                x = _timing_input(module, b, t)
+                samples: dict[str, list[float]] = {m: [] for m in times}
+                for i in range(warmup + repeats):
+                    for m in times:
+                        module.inference = m
+                        t0 = time.perf_counter()
+                        module(x)
+                        if i >= warmup:
+                            samples[m].append(time.perf_counter() - t0)
+                for m in times:
+                    times[m] += float(np.median(samples[m]))
     finally:
         module.train(was_training)
         module.inference = mode
@@ -918,12 +1165,23 @@ def _supported(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
 
+def _recurrent(module: nn.Module) -> bool:
+    """Selected without ``filter_fn``: the supported recurrent layers (``nn.Linear`` only on request)."""
+    return type(module) is not nn.Linear and _supported(module)
+
+
 @register_stage(STAGE_NAME, DictionaryConfig)
 class DictionaryStage(Stage):
-    """DirNet: sparse codes times a (shared) projection dictionary, adaptive atoms and sparsity."""
+    """DirNet: sparse codes times a (shared) projection dictionary, adaptive atoms and sparsity.
+
+    Without ``filter_fn`` it compresses every ``nn.LSTM`` (``proj_size=0``), ``nn.GRU`` and
+    ``nn.RNN`` of the model; an ``nn.Linear`` is compressed only when ``filter_fn`` selects it.
+    """
 
     supports = staticmethod(_supported)
+    selects_by_default = staticmethod(_recurrent)
     layer_kinds = "nn.LSTM (proj_size=0), nn.GRU, nn.RNN, nn.Linear (exact types)"
+    default_kinds = "nn.LSTM (proj_size=0), nn.GRU and nn.RNN (nn.Linear only when filter_fn selects it)"
 
     def compress_layers(
         self, model, config, layers, inputs, info, cache: dict | None = None, **kwargs
@@ -976,11 +1234,23 @@ class DictionaryStage(Stage):
                 plan = _uniform([f for _, f, _ in fits], room, config.uniform_density)
             else:
                 options = []
-                for _, fit, _ in fits:
-                    if inputs.log is not None:
-                        inputs.log(f"  candidates of {fit.name} ({fit.m} x {fit.n})")
-                    opts = fit.svd_options(room) if config.method == "svd" else fit.options(room)
-                    options.append(_pareto(opts))
+                svd = config.method == "svd"
+                units = [1 if svd else 2 * len(f.atom_counts(room)) for _, f, _ in fits]
+                label = "dirnet svd" if svd else "dirnet dictionaries"
+                bar = progress_bar(sum(units), label, inputs.progress, unit="dict")
+                try:
+                    for _, fit, _ in fits:
+                        _log(inputs.log, bar, f"  candidates of {fit.name} ({fit.m} x {fit.n})")
+                        if bar is not None:
+                            bar.set_postfix_str(fit.name, refresh=False)
+                        tick = bar.update if bar is not None else None
+                        opts = fit.svd_options(room) if svd else fit.options(room, tick=tick)
+                        if svd and tick is not None:
+                            tick()
+                        options.append(_pareto(opts))
+                finally:
+                    if bar is not None:
+                        bar.close()
                 plan = _allocate(options, room) if all(options) else None
             if plan is None:
                 raise ValueError(
@@ -1035,10 +1305,8 @@ class DictionaryStage(Stage):
             new = _build(old, [g[0] for g in groups])
             with torch.no_grad():
                 for codes, (_, d, values, indices) in zip(new.codes, groups):
-                    codes.dictionary.copy_(torch.tensor(d))
-                    codes.values.copy_(torch.tensor(values))
-                    if indices is not None:
-                        codes.indices.copy_(torch.tensor(indices))
+                    idx = None if indices is None else torch.tensor(indices)
+                    codes.set_(torch.tensor(d), torch.tensor(values), idx)
                 for pname, p in old.named_parameters():
                     if "bias" in pname:
                         getattr(new, pname).copy_(p)
@@ -1069,11 +1337,12 @@ class DictionaryStage(Stage):
         for name in layers:
             new = model.get_submodule(name)
             if config.inference == "auto":
-                timings[name] = _time_modes(new, config.timing_batch, config.timing_steps)
+                timings[name] = _time_modes(new, shapes=config.inference_batch, repeats=config.timing_repeats)
                 new.inference = min(timings[name], key=timings[name].get)
             else:
                 new.inference = config.inference
         info["inference_seconds"] = timings
+        info["inference_batch"] = config.inference_batch if config.inference == "auto" else None
         info["inference"] = {name: model.get_submodule(name).inference for name in layers}
         records = []
         by_module: dict[str, list[dict]] = {n: [] for n in layers}

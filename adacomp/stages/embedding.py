@@ -62,12 +62,14 @@ from torch import nn
 
 from .frame import (
     EXTRA_STATE_KEY,
+    SKLEARN_INSTALL,
     LayerRecord,
     Stage,
     StageInputs,
     finetune,
     layer_sizes,
     module_bytes,
+    optional_import,
     register_stage,
 )
 
@@ -437,8 +439,10 @@ def pq_bytes(rows: int, dim: int, m: int, k: int, float_bytes: int) -> int:
 
 def _kmeans_pq(table: torch.Tensor, m: int, k: int, config: EmbeddingConfig):
     """k-means in each of the ``m`` groups; returns ``(codes V x m, codebooks m x k x d, squared error)``."""
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    KMeans = optional_import("sklearn.cluster", SKLEARN_INSTALL, "the embedding stage's k-means").KMeans
+    threadpool_limits = optional_import(  # a scikit-learn dependency
+        "threadpoolctl", SKLEARN_INSTALL, "the embedding stage's k-means"
+    ).threadpool_limits
 
     x = table.detach().double().cpu().numpy()
     d = x.shape[1] // m

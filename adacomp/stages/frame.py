@@ -51,6 +51,7 @@ calls :func:`finetune`, the one training loop of all stages, after
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import time
@@ -78,6 +79,8 @@ __all__ = [
     "load",
     "module_bytes",
     "module_params",
+    "optional_import",
+    "progress_bar",
     "register_stage",
     "save",
     "stages",
@@ -88,7 +91,8 @@ EXTRA_STATE_KEY = "adacomp_stage"
 
 COMPRESSED_ATTR = "adacomp_compressed"
 """Class attribute (``True``) of the modules stages swap in: they and their children are never
-selected again, so compressing an already compressed model touches only its remaining layers."""
+selected again, so compressing an already compressed model touches only its remaining layers.
+(A module whose extra state names a stage, :data:`EXTRA_STATE_KEY`, counts as swapped in too.)"""
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -123,6 +127,30 @@ def module_params(module: nn.Module) -> int:
 def module_bytes(module: nn.Module) -> int:
     """Bytes that must be stored: every element at its dtype's size (4 for fp32)."""
     return sum(t.numel() * t.element_size() for t in _tensors(module))
+
+
+def optional_import(name: str, install: str, needed_by: str) -> Any:
+    """Import the optional module ``name`` when a stage first needs it.
+
+    Args:
+        name: the module, e.g. ``"sklearn.decomposition"``.
+        install: the command that installs it, e.g. ``"pip install scikit-learn"``.
+        needed_by: what needs it, for the message, e.g. ``"DirNet's dictionary learning"``.
+
+    Raises:
+        ModuleNotFoundError: (an ``ImportError``) when it is not installed, naming ``install``.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        top = name.split(".")[0]
+        raise ModuleNotFoundError(
+            f"{needed_by} needs the optional package {top!r}, which is not installed: {install}", name=top
+        ) from exc
+
+
+SKLEARN_INSTALL = "pip install scikit-learn (also in pip install 'adacomp[data]')"
+"""How to install scikit-learn, which DirNet and the embedding stage's k-means need."""
 
 
 # --------------------------------------------------------------------------- records and report
@@ -204,9 +232,12 @@ class Report:
     """Returned by :func:`compress_`; ``print(report)`` shows a table.
 
     ``params_*`` / ``bytes_*`` count the whole model; ``layers`` holds one record per selected
-    layer. ``reduction`` is the share of the model's stored elements removed,
-    ``ratio`` the compression ratio of its bytes. ``evaluations`` counts the calls of ``evaluate``
-    the stage made itself (candidate scoring), not the two made for ``metric_before/after``.
+    layer. ``ratio`` is the compression ratio of its bytes and ``bytes_reduction`` the share of
+    its bytes removed (the table's headline, ``-95.2% bytes``); ``reduction`` is the share of its
+    stored *elements* removed, which differs where dtypes change (a packed ``uint8`` code byte,
+    an fp16 codebook value and an fp32 weight each count as one element). ``evaluations``
+    counts the calls of ``evaluate`` the stage made itself (candidate scoring), not the two made
+    for ``metric_before/after``.
     """
 
     stage: str
@@ -229,7 +260,13 @@ class Report:
 
     @property
     def reduction(self) -> float:
+        """Share of the model's stored elements removed (a packed ``uint8`` byte is one element)."""
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def bytes_reduction(self) -> float:
+        """Share of the model's stored bytes removed, ``1 - 1 / ratio``: the table's headline."""
+        return 1.0 - self.bytes_after / self.bytes_before if self.bytes_before else 0.0
 
     @property
     def choices(self) -> dict[str, dict]:
@@ -242,6 +279,7 @@ class Report:
         d.pop("defaults")
         d["ratio"] = self.ratio
         d["reduction"] = self.reduction
+        d["bytes_reduction"] = self.bytes_reduction
         for rec, obj in zip(d["layers"], self.layers):
             rec["ratio"] = obj.ratio
         return d
@@ -274,7 +312,7 @@ class Report:
             (
                 "total (model)",
                 "",
-                f"-{100 * self.reduction:.1f}% params",
+                f"-{100 * self.bytes_reduction:.1f}% bytes",
                 _fmt_int(self.params_before),
                 _fmt_int(self.params_after),
                 _fmt_int(self.bytes_before),
@@ -324,7 +362,8 @@ class StageInputs:
         make_optimizer: ``make_optimizer(params) -> Optimizer``, overriding the stage's optimizer,
             or ``None``.
         log: ``log(message)`` for progress messages, or ``None`` (silent).
-        progress: whether training draws a progress bar (:func:`finetune`).
+        progress: progress bars of long phases (:func:`progress_bar`): ``None`` on a terminal
+            only, ``True`` always, ``False`` never.
     """
 
     data: Iterable | None = None
@@ -332,7 +371,7 @@ class StageInputs:
     train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None
     make_optimizer: OptimizerFactory | None = None
     log: Callable[[str], None] | None = None
-    progress: bool = False
+    progress: bool | None = None
 
     def require_training(self, what: str) -> None:
         """Raise ``ValueError(f"{what} data=<iterable of batches> and train_step=<fn(model, batch) ->
@@ -355,19 +394,24 @@ def _cycle(data: Iterable) -> Iterator:
             raise ValueError("data yielded no batch")
 
 
-def _progress_bar(steps: int, label: str, enabled: bool):
-    """A tqdm bar on stderr, or ``None`` when not ``enabled``; drawn only if stderr is a terminal."""
-    if not enabled:
+def progress_bar(total: int, label: str, progress: bool | None, unit: str = "step"):
+    """A ``tqdm`` bar on stderr over ``total`` units, or ``None`` when ``progress`` is ``False``.
+
+    ``progress=None`` (the default of :func:`compress_`) draws the bar only when stderr is a
+    terminal (the bar object exists either way, disabled off a terminal); ``True`` (asked for)
+    draws it on any stderr; ``False`` gives ``None``. Close it when done (``bar.close()``).
+    """
+    if progress is False:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # an install requirement; imported only when a bar is wanted
 
     return tqdm(
-        total=steps,
+        total=total,
         desc=label or "train",
-        unit="step",
+        unit=unit,
         leave=False,
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
+        disable=progress is None and not sys.stderr.isatty(),
     )
 
 
@@ -386,7 +430,7 @@ def finetune(
     frozen: Iterable[nn.Parameter] = (),
     log: Callable[[str], None] | None = None,
     label: str = "finetune",
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict:
     """Train ``model`` for ``steps`` optimizer steps on the user's task loss: the loop of every stage.
 
@@ -415,7 +459,8 @@ def finetune(
             (the mean task loss since the previous line; ``"  step ..."`` when ``label`` is empty),
             with a penalty followed by ``", {penalty_name} {last value:.4f}"``.
         label: the phase's name, in log lines and on the progress bar.
-        progress: draw a ``tqdm`` progress bar on stderr (only when stderr is a terminal).
+        progress: a ``tqdm`` progress bar on stderr: ``None`` only when stderr is a terminal,
+            ``True`` always, ``False`` (default) never (:func:`progress_bar`).
 
     Returns:
         ``{"steps": steps, "loss_first": float, "loss_last": float}``: the task loss (without the
@@ -448,7 +493,7 @@ def finetune(
         penalties: list[float] = []
         every = max(1, steps // 5)
         prefix = f"  {label} step" if label else "  step"
-        bar = _progress_bar(steps, label, progress)
+        bar = progress_bar(steps, label, progress)
         for step in range(steps):
             if on_step is not None:
                 on_step(step)
@@ -508,9 +553,19 @@ class Stage:
     layer_kinds: str = "see the stage's documentation"
     """Human-readable list of the supported layer kinds, for error messages."""
 
+    default_kinds: str | None = None
+    """Human-readable list of the layer kinds :meth:`selects_by_default` picks, when they differ
+    from :attr:`layer_kinds` (for error messages); ``None``: the same."""
+
     def supports(self, module: nn.Module) -> bool:
         """Whether this stage can compress ``module`` (a module owning parameters)."""
         raise NotImplementedError
+
+    def selects_by_default(self, module: nn.Module) -> bool:
+        """Whether :func:`compress_` without ``filter_fn`` compresses ``module`` (default:
+        :meth:`supports`). A stage that supports some layers only on request (``filter_fn``)
+        narrows it, and names what it selects in :attr:`default_kinds`."""
+        return self.supports(module)
 
     def supported_kinds(self) -> str:
         """Human-readable list of the supported layer kinds (default: :attr:`layer_kinds`)."""
@@ -528,13 +583,13 @@ class Stage:
         make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         log: Callable[[str], None] | None = None,
         info: dict | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         **kwargs: Any,
     ) -> list[LayerRecord]:
         """Compress ``layers`` (``{name: module}``) of ``model`` in place; return one record each.
 
         ``info`` is a dict the stage may fill with run facts that go into ``Report.info``;
-        ``progress`` asks a stage that trains for a progress bar (``finetune(progress=...)``). This
+        ``progress`` is handed to the stage's progress bars (:func:`progress_bar`). This
         default bundles the inputs into a :class:`StageInputs` and calls :meth:`compress_layers`.
         """
         inputs = StageInputs(data, evaluate, train_step, make_optimizer, log, progress)
@@ -635,14 +690,19 @@ def config_from_dict(stage: str, values: Mapping[str, Any]) -> Any:
 # --------------------------------------------------------------------------- compress_
 
 
-def _select(model: nn.Module, stage: Stage, filter_fn: FilterFn | None) -> dict[str, nn.Module]:
-    """``{name: module}`` of the layers to compress: modules that own parameters directly."""
+def _select(
+    model: nn.Module, stage: Stage, filter_fn: FilterFn | None
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """``({name: module}`` of the layers to compress (modules that own parameters directly),
+    ``{name: stage or class}`` of the modules a stage already swapped in, which are skipped)."""
     chosen: dict[str, nn.Module] = {}
+    compressed: dict[str, str] = {}
     seen: set[int] = set()
     done: list[str] = []  # prefixes of modules a stage already swapped in
     for name, module in model.named_modules():
-        if getattr(module, COMPRESSED_ATTR, False):
+        if _is_compressed(module):
             done.append(name + ".")
+            compressed[name] = _compressed_by(module)
             continue
         if any(name.startswith(prefix) for prefix in done):
             continue
@@ -650,7 +710,7 @@ def _select(model: nn.Module, stage: Stage, filter_fn: FilterFn | None) -> dict[
             continue
         seen.add(id(module))
         if filter_fn is None:
-            if stage.supports(module):
+            if stage.selects_by_default(module):
                 chosen[name] = module
             continue
         if not filter_fn(module, name):
@@ -662,7 +722,51 @@ def _select(model: nn.Module, stage: Stage, filter_fn: FilterFn | None) -> dict[
                 f"return False for it."
             )
         chosen[name] = module
-    return chosen
+    return chosen, compressed
+
+
+def _stage_state(module: nn.Module) -> dict | None:
+    """The extra state of a module a stage swapped in (a dict naming the stage), else ``None``."""
+    if type(module).get_extra_state is nn.Module.get_extra_state:
+        return None  # no extra state at all
+    try:
+        state = module.get_extra_state()
+    except Exception:  # noqa: BLE001 - whatever a foreign module's extra state does
+        return None
+    return state if isinstance(state, dict) and EXTRA_STATE_KEY in state else None
+
+
+def _is_compressed(module: nn.Module) -> bool:
+    """A module a stage swapped in: it sets :data:`COMPRESSED_ATTR` or its extra state names a stage."""
+    return bool(getattr(module, COMPRESSED_ATTR, False)) or _stage_state(module) is not None
+
+
+def _compressed_by(module: nn.Module) -> str:
+    """``"stage 'lowrank'"`` for a module a stage swapped in (its extra state), else its class."""
+    state = _stage_state(module)
+    return f"stage {state[EXTRA_STATE_KEY]!r}" if state is not None else type(module).__name__
+
+
+def _nothing_selected(stage: Stage, filter_fn: FilterFn | None, compressed: dict[str, str]) -> str:
+    """The message of the ``ValueError`` when no layer is selected: what the stage would select,
+    and which layers were skipped because a stage had already compressed them."""
+    kinds = stage.supported_kinds()
+    if filter_fn is None and stage.default_kinds:
+        what = f"without filter_fn it selects {stage.default_kinds}; supported with filter_fn: {kinds}"
+    elif filter_fn is None:
+        what = f"supported: {kinds}"
+    else:
+        what = f"filter_fn selected none; supported: {kinds}"
+    msg = f"no layer selected for stage {stage.name!r} ({what})"
+    if compressed:
+        names = sorted(compressed)
+        shown = ", ".join(f"{n or '(root)'!r} ({compressed[n]})" for n in names[:8])
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        msg += (
+            f". The model's layers {shown}{more} are already compressed, and a compressed layer is "
+            f"never compressed again; to compress differently, start from the uncompressed model"
+        )
+    return msg
 
 
 class _Counted:
@@ -688,7 +792,7 @@ def compress_(
     train_step: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     log: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> Report:
     """Run the stage that ``config`` belongs to on ``model``, in place, and return a :class:`Report`.
@@ -698,7 +802,9 @@ def compress_(
         config: a registered stage config, e.g. :class:`adacomp.stages.LowRankConfig`.
         data: iterable of batches for ``train_step`` (fine-tuning); re-iterated as needed.
         filter_fn: ``filter_fn(module, name) -> bool`` over the modules that own parameters;
-            default: every layer the stage supports. Selecting an unsupported layer raises
+            default: the layers the stage selects by default (:meth:`Stage.selects_by_default`;
+            every layer it supports, except where its documentation says otherwise, e.g. DirNet
+            leaves ``nn.Linear`` to ``filter_fn``). Selecting an unsupported layer raises
             :class:`UnsupportedLayerError`.
         evaluate: ``evaluate(model) -> float``, higher is better; called (under
             ``torch.no_grad()``) before and after, for the report, and by stages that score
@@ -706,18 +812,25 @@ def compress_(
         train_step: ``train_step(model, batch) -> loss`` (not back-propagated; see the module doc).
         make_optimizer: ``make_optimizer(params) -> Optimizer`` overrides the stage's optimizer.
         log: progress messages go here (e.g. ``print``); default: silent.
-        progress: show a ``tqdm`` progress bar on stderr while a stage trains (only when stderr is
-            a terminal); default: off.
+        progress: ``tqdm`` progress bars on stderr while a stage works (training, DirNet's
+            dictionaries): ``None`` (default) when stderr is a terminal, ``True`` also when it is
+            not, ``False`` never.
         **kwargs: passed to the stage.
+
+    Raises:
+        ValueError: no layer is selected (the message says what the stage selects, and which
+            layers are already compressed), or the model itself is the only layer; a stage's own
+            errors (e.g. an unreachable budget).
+        UnsupportedLayerError: ``filter_fn`` selected a layer the stage cannot compress.
     """
     stage = get_stage(config)
-    layers = _select(model, stage, filter_fn)
+    layers, compressed = _select(model, stage, filter_fn)
     if "" in layers:
         raise ValueError(
             "the model itself is a single layer; wrap it, e.g. nn.Sequential(model), to compress it"
         )
     if not layers:
-        raise ValueError(f"no layer selected for stage {stage.name!r} (supported: {stage.supported_kinds()})")
+        raise ValueError(_nothing_selected(stage, filter_fn, compressed))
     start = time.perf_counter()
     was_training = model.training
     params_before, bytes_before = module_params(model), module_bytes(model)

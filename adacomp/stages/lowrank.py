@@ -532,6 +532,17 @@ class _Scorer:
         self._load({layer.name: layer.full for layer in self.layers})
 
 
+def _unreachable(ratio: float, budget: int, layers: list[_Layer]) -> str:
+    """Why ``ratio`` cannot be met: the budget, what rank 1 everywhere keeps, the largest ratio."""
+    total = sum(layer.cost(layer.full) for layer in layers)
+    floor = sum(layer.cost(layer.rank_value(1)) for layer in layers)
+    return (
+        f"ratio={ratio} is unreachable: it leaves a budget of {budget:,} of the selected layers' "
+        f"{total:,} parameters (weights and biases), but rank 1 in every selected layer keeps "
+        f"{floor:,}; the largest reachable ratio is about {math.floor(1e4 * (1 - floor / total)) / 1e4:.4f}"
+    )
+
+
 def _beam_search(
     layers: list[_Layer],
     budget: int,
@@ -558,9 +569,7 @@ def _beam_search(
 
     root = complete(dict(fixed_dense))
     if root is None:
-        raise ValueError(
-            "the requested ratio is unreachable: even rank 1 in every layer keeps too many parameters"
-        )
+        raise ValueError(_unreachable(config.ratio, budget, layers))
     beam: list[tuple[float, float, Plan, Plan]] = [(scorer(root), tiebreak(root), dict(fixed_dense), root)]
     trace = [{"layer": None, "best_score": beam[0][0], "plan": root}]
     for depth, layer in enumerate(order):
@@ -653,10 +662,7 @@ class LowRankStage(Stage):
                 search_trace=trace,
             )
         if plan is None:
-            raise ValueError(
-                f"ratio={config.ratio} is unreachable: even rank 1 in every selected layer keeps "
-                f"more than {budget} parameters"
-            )
+            raise ValueError(_unreachable(config.ratio, budget, infos))
         info["budget_params"] = budget
         return plan
 

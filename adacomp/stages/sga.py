@@ -299,9 +299,15 @@ def encode(
     ``loss_start`` / ``loss_final`` (true R-D loss before and after refinement), ``best_step``,
     ``latents`` (the coded :class:`~adacomp.workloads.codec.Latents`) and the refinement's
     ``soft_loss_trace``.
+
+    Raises:
+        ModuleNotFoundError: (an ``ImportError``) when the optional entropy coder ``constriction``
+            is not installed, before any work; the message says ``pip install 'adacomp[codec]'``.
+        TypeError: ``refine`` is not ``None``, :class:`SGAConfig` or :class:`BitsBackConfig`.
     """
     if refine is not None and not isinstance(refine, SGAConfig):
         raise TypeError(f"refine must be None, SGAConfig or BitsBackConfig, got {type(refine).__name__}")
+    bitstream.require_constriction()  # optional dependency: fail before refining, naming the extra
     codec.entropy_bottleneck.check_ready()
     xs, single = _as_images(images)
     bits_back = isinstance(refine, BitsBackConfig)

@@ -34,7 +34,6 @@ import math
 import struct
 from dataclasses import dataclass
 
-import constriction
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from .posterior import PosteriorFit, fit_posterior
 
 __all__ = [
+    "CODEC_EXTRA",
     "Latents",
     "check_image",
     "compress",
@@ -52,7 +52,29 @@ __all__ = [
     "reconstruct",
     "write_stream",
     "read_stream",
+    "require_constriction",
 ]
+
+CODEC_EXTRA = "pip install 'adacomp[codec]'"
+"""The command that installs the codec's optional dependencies (``constriction``, ``scikit-image``)."""
+
+
+def require_constriction():
+    """The ``constriction`` module, imported on first use (it is an optional dependency).
+
+    Raises:
+        ModuleNotFoundError: (an ``ImportError``) when it is not installed; the message names the
+            extra to install, ``pip install 'adacomp[codec]'``.
+    """
+    try:
+        import constriction
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"the image codec's entropy coder (SGA / bits-back encode, codec.compress/decompress) needs "
+            f"the optional package constriction, which is not installed: {CODEC_EXTRA}",
+            name="constriction",
+        ) from exc
+    return constriction
 
 MAGIC = b"AC"
 VERSION = 1
@@ -186,7 +208,7 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
 
 
 def _gaussian(lo: int, hi: int):
-    return constriction.stream.model.QuantizedGaussian(int(lo), int(hi))
+    return require_constriction().stream.model.QuantizedGaussian(int(lo), int(hi))
 
 
 def _y_model_params(codec, latents_integer_y: bool, means, scales):
@@ -228,7 +250,7 @@ def _push_z_to_posterior(codec, coder, y_hat, fit, z_symbols) -> None:
 
 
 def _categorical(pmf: np.ndarray):
-    return constriction.stream.model.Categorical(pmf, perfect=False)
+    return require_constriction().stream.model.Categorical(pmf, perfect=False)
 
 
 @torch.no_grad()
@@ -243,7 +265,7 @@ def write_stream(codec, latents: list[Latents], fit: PosteriorFit | None = None)
     if len(latents) >= 2**16:
         raise ValueError(f"at most 65535 images per stream, got {len(latents)}")
     fit = fit or PosteriorFit()
-    coder = constriction.stream.stack.AnsCoder()
+    coder = require_constriction().stream.stack.AnsCoder()
     net_bits = [0] * len(latents)
     for i in reversed(range(len(latents))):
         lat = latents[i]
@@ -299,7 +321,8 @@ def read_stream(codec, data: bytes) -> list[Latents]:
     if (len(data) - offset) % 4:
         raise ValueError("truncated or corrupt stream")
     words = np.frombuffer(data[offset:], dtype="<u4").astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder(words) if len(words) else constriction.stream.stack.AnsCoder()
+    ans = require_constriction().stream.stack.AnsCoder
+    coder = ans(words) if len(words) else ans()
     d = codec.downsampling
     out = []
     for height, width, flags in images:
