@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node 2 launch/train.py            # dense vs AdaComp, digits
     torchrun --standalone --nproc_per_node 4 launch/train.py --data fashion-mnist --epochs 2
     torchrun --standalone --nproc_per_node 4 launch/train.py --data shakespeare --epochs 1
+    torchrun --standalone --nproc_per_node 2 launch/train.py --model gpt --data shakespeare --max-steps 300
 """
 
 import os

@@ -377,12 +377,21 @@ class _Worker:
     def submit(self, fn) -> torch.futures.Future:
         fut = torch.futures.Future()
         self.queue.put((fn, fut))
-        return fut
+        # An error is raised from a callback, so that the future DDP waits on carries it as
+        # an error (with the exception's type and message), not as a value.
+        return fut.then(_unwrap)
 
     def _run(self):
         while True:
             fn, fut = self.queue.get()
             try:
-                fut.set_result(fn())
+                fut.set_result((True, fn()))
             except BaseException as exc:  # noqa: BLE001 - handed to DDP, which raises it
-                fut.set_exception(exc)
+                fut.set_result((False, exc))
+
+
+def _unwrap(fut):
+    ok, value = fut.value()
+    if not ok:
+        raise value
+    return value

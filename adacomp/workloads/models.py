@@ -4,18 +4,24 @@
   1-D biases, sized so that the gradients are big enough to be worth compressing (about 0.46 M
   parameters for 28x28 inputs, with a 401 k-weight fully connected layer).
 * :class:`CharLSTM`: a character language model (embedding, multi-layer LSTM, decoder).
+* :class:`CharGPT`: a GPT-style decoder-only transformer for next-token prediction (token
+  and learned position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
+  GELU MLP). :data:`GPT_PRESETS` holds its sizes: ``"gpt"`` (5.82 M parameters in 78
+  tensors) and ``"tiny"`` (for tests); :func:`char_gpt` builds one.
 
-:func:`build_model` builds either by name.
+:func:`build_model` builds any of them by name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODELS", "CharLSTM", "SmallCNN", "accuracy", "build_model"]
+__all__ = ["GPT_PRESETS", "MODELS", "CharGPT", "CharLSTM", "SmallCNN", "accuracy", "build_model", "char_gpt"]
 
 
 class SmallCNN(nn.Module):
@@ -134,15 +140,152 @@ class CharLSTM(nn.Module):
         return self.decoder(self.drop(out)), state
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, "lstm": CharLSTM}
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position ``t`` attends to positions ``<= t`` only.
+
+    One fused ``qkv`` projection (``n_embd -> 3 n_embd``) and one output projection
+    (``n_embd -> n_embd``), both with bias. Input and output are ``B x T x n_embd``.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        self.n_head = n_head
+        self.dropout = dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x T x C`` -> ``B x T x C``."""
+        b, t, c = x.shape
+        # B x T x 3C -> three B x H x T x C/H
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with
+    ``mlp = linear(C -> 4C) -> GELU -> linear(4C -> C)``. ``B x T x C`` -> ``B x T x C``;
+    12 parameter tensors (two LayerNorms and four linear layers, weights and biases)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A GPT-style (decoder-only) transformer language model.
+
+    Layout: ``tok_emb (vocab_size x n_embd) + pos_emb (block_size x n_embd) -> dropout ->
+    n_layer x GPTBlock -> LayerNorm -> head (n_embd -> vocab_size)``. The head is a separate
+    linear layer with bias, or, with ``tie_weights``, reuses ``tok_emb.weight`` (no bias).
+    Parameter tensors: ``12 n_layer + 6`` untied, ``12 n_layer + 4`` tied. Weights are
+    initialised as GPT-2's: normal(0, 0.02), the residual output projections scaled by
+    ``1 / sqrt(2 n_layer)``, biases zero.
+
+    Args:
+        vocab_size: number of distinct tokens (characters for character-level models).
+        block_size: longest context; inputs may be shorter.
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide ``n_embd``.
+        n_embd: model width ``C``.
+        dropout: dropout on the embeddings, attention weights and residual branches.
+        tie_weights: share the token embedding with the output head.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int = 128,
+        n_layer: int = 6,
+        n_head: int = 8,
+        n_embd: int = 256,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        if min(vocab_size, block_size, n_layer, n_head, n_embd) < 1:
+            raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(GPTBlock(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=not tie_weights)
+        if tie_weights:
+            self.head.weight = self.tok_emb.weight
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                residual_out = name.endswith(("attn.proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer) if residual_out else 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``B x T`` token ids (``T <= block_size``) to ``B x T x vocab_size`` logits;
+        the logits at position ``t`` depend on ``x[:, :t + 1]`` only."""
+        t = x.shape[-1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
+        pos = torch.arange(t, device=x.device)
+        h = self.drop(self.tok_emb(x) + self.pos_emb(pos))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+
+GPT_PRESETS: dict[str, dict] = {
+    # The issue's "GPT-shaped transformer, 5.8M parameters in 78 tensors, embedding 2048 x 256":
+    # a 2048-token vocabulary (the 2048 x 256 token embedding and an untied 256 -> 2048 head),
+    # context 128, 6 blocks of width 256 with 8 heads: 5,822,464 parameters in 78 tensors.
+    # Character data passes its own vocab_size (Shakespeare: 84 -> 4,814,932 parameters).
+    "gpt": {"vocab_size": 2048, "block_size": 128, "n_layer": 6, "n_head": 8, "n_embd": 256},
+    # for tests: 2 blocks of width 32, 30 tensors
+    "tiny": {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32},
+}
+"""Named :class:`CharGPT` sizes; :func:`char_gpt` builds them."""
+
+
+def char_gpt(preset: str = "gpt", **overrides) -> CharGPT:
+    """Build a :class:`CharGPT` from :data:`GPT_PRESETS` ``[preset]``, with any constructor
+    argument overridden (e.g. ``char_gpt("gpt", vocab_size=84)`` for Shakespeare characters)."""
+    try:
+        kw = dict(GPT_PRESETS[preset])
+    except KeyError:
+        raise ValueError(f"unknown GPT preset {preset!r}; known: {', '.join(GPT_PRESETS)}") from None
+    kw.update(overrides)
+    return CharGPT(**kw)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, "lstm": CharLSTM, "gpt": char_gpt}
 """Registry used by :func:`build_model`."""
 
 
 def build_model(name: str, **kw) -> nn.Module:
-    """Build a model by registry name (``"cnn"`` or ``"lstm"``) with keyword arguments ``kw``.
+    """Build a model by registry name (``"cnn"``, ``"lstm"`` or ``"gpt"``) with keyword
+    arguments ``kw``.
 
-    Example: ``build_model("cnn", in_channels=1, num_classes=10, image_size=8)`` or
-    ``build_model("lstm", vocab_size=84)``.
+    Example: ``build_model("cnn", in_channels=1, num_classes=10, image_size=8)``,
+    ``build_model("lstm", vocab_size=84)`` or ``build_model("gpt", vocab_size=84)`` (the
+    ``"gpt"`` preset of :data:`GPT_PRESETS`; ``preset="tiny"`` for another).
     """
     try:
         cls = MODELS[name.lower()]

@@ -5,6 +5,13 @@ Run by ``launch/train.py`` under ``torchrun`` (or ``python -m torch.distributed.
     torchrun --standalone --nproc_per_node 2 launch/train.py
     torchrun --nproc_per_node 4 launch/train.py --model lstm --data shakespeare \\
         --compressor none adacomp --epochs 1 --json results/lstm.json
+    torchrun --nproc_per_node 2 launch/train.py --model gpt --data shakespeare \\
+        --compressor none adacomp --max-steps 200
+
+Models: ``cnn`` (image data), ``lstm`` and ``gpt`` (text: character-level next-token
+prediction; the GPT is the ``--gpt-preset`` of :data:`adacomp.workloads.models.GPT_PRESETS`
+with the corpus's vocabulary, trained on ``--seq-len`` windows with AdamW and a cosine
+schedule by default; the CNN and the LSTM with SGD and momentum at a constant rate).
 
 Every compressor in ``--compressor`` trains the same model from the same seed on the same
 data shards, one after the other, through DDP with that compressor's communication hook:
@@ -39,11 +46,15 @@ from ..parallel.ddp import AdaCompState, adacomp_hook
 from ..parallel.exchange import CostModel
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 from . import data as datasets
-from .models import build_model
+from .models import GPT_PRESETS, CharGPT, build_model
 
 COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
 IMAGE_DATA = ("digits", "mnist", "fashion-mnist")
 TEXT_DATA = ("shakespeare",)
+IMAGE_MODELS = ("cnn",)
+TEXT_MODELS = ("lstm", "gpt")
+#: per optimizer: its default learning rate (--lr)
+DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,19 +71,31 @@ def parse_args(argv=None):
                                 formatter_class=_DefaultsFormatter)
     p.add_argument("--compressor", nargs="+", default=["none", "adacomp"], choices=COMPRESSORS,
                    help="compressors to train with, one after the other")
-    p.add_argument("--model", default=None, choices=["cnn", "lstm"],
-                   help="default: cnn for image data, lstm for text")
+    p.add_argument("--model", default=None, choices=list(IMAGE_MODELS + TEXT_MODELS),
+                   help="default: cnn for image data, lstm for text (gpt: a GPT-style transformer)")
     p.add_argument("--data", default="digits", choices=IMAGE_DATA + TEXT_DATA)
     p.add_argument("--data-root", default=None, help="where the data set lies (default: its usual place)")
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--optimizer", default=None, choices=list(DEFAULT_LR),
+                   help="default: adamw for gpt, sgd (with --momentum) otherwise")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="adamw (matrices only)")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
+                   help="learning rate: constant, or cosine decay to 10%% after a linear warm-up "
+                        "(--warmup-steps); default: cosine for gpt, constant otherwise")
+    p.add_argument("--warmup-steps", type=int, default=20, help="cosine schedule: linear warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-chars", type=int, default=1_000_000, help="text: characters of the corpus used")
-    p.add_argument("--seq-len", type=int, default=64, help="text: BPTT length")
+    p.add_argument("--seq-len", type=int, default=64,
+                   help="text: BPTT length (lstm), context length (gpt, at most its block size)")
     p.add_argument("--hidden", type=int, default=256, help="lstm: hidden size")
+    p.add_argument("--gpt-preset", default="gpt", choices=list(GPT_PRESETS),
+                   help="gpt: sizes (models.GPT_PRESETS; the vocabulary comes from the data)")
+    p.add_argument("--dropout", type=float, default=0.0, help="gpt: dropout")
     p.add_argument("--bin-size", type=int, default=None,
                    help="adacomp: one bin size for all (default: the paper's)")
     p.add_argument("--min-numel", type=int, default=1024, help="adacomp: smaller tensors go dense")
@@ -98,6 +121,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model is None:
         args.model = "lstm" if args.data in TEXT_DATA else "cnn"
+    if args.optimizer is None:
+        args.optimizer = "adamw" if args.model == "gpt" else "sgd"
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.schedule is None:
+        args.schedule = "cosine" if args.model == "gpt" else "constant"
     if args.plot is None:
         args.plot = default_plot_path(args)
     unsupported = {"horovod": {"powersgd"}, "mpi": {"powersgd", "fp16"}}.get(args.backend, set())
@@ -105,9 +134,12 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--compressor {' '.join(bad)} is not available with --backend {args.backend} "
                 f"(PowerSGD is a DDP hook; the mpi4py path offers none and adacomp)")
-    if (args.model == "lstm") != (args.data in TEXT_DATA):
+    if (args.model in TEXT_MODELS) != (args.data in TEXT_DATA):
         p.error(f"--model {args.model} does not fit --data {args.data}: cnn takes image data "
-                f"({', '.join(IMAGE_DATA)}), lstm takes text ({', '.join(TEXT_DATA)})")
+                f"({', '.join(IMAGE_DATA)}), lstm and gpt take text ({', '.join(TEXT_DATA)})")
+    block = GPT_PRESETS[args.gpt_preset]["block_size"]
+    if args.model == "gpt" and args.seq_len > block:
+        p.error(f"--seq-len {args.seq_len} exceeds the block size {block} of --gpt-preset {args.gpt_preset}")
     return args
 
 
@@ -152,6 +184,7 @@ class _Counting:
         self.inner, self.kind, self.world, self.rank = inner, kind, world, rank_pg
         self.traffic = TrafficStats()
         self.step = 0
+        self.pending = None  # the previous bucket's future (serialized hooks)
 
     def count(self, bucket) -> None:
         for g in bucket.gradients():
@@ -174,10 +207,20 @@ class _Counting:
             self.step += 1
 
 
-def _counting_hook(hook):
+def _counting_hook(hook, serial: bool = False):
+    """``hook`` on ``state.inner``, counting bytes. With ``serial`` each bucket's hook first
+    waits for the previous bucket's exchange: PowerSGD issues collectives from future
+    callbacks (its Q allreduce), and on gloo with two buckets in flight the ranks can then
+    issue them in different orders and abort ("Received data size doesn't match expected
+    size"; PyTorch's PowerSGD parity test skips gloo, pytorch/pytorch#58467). The
+    arithmetic is the same; only the overlap of buckets with each other is lost."""
     def wrapped(state: _Counting, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         state.count(bucket)
-        return hook(state.inner, bucket)
+        if serial and state.pending is not None:
+            state.pending.wait()
+        fut = hook(state.inner, bucket)
+        state.pending = None if bucket.is_last() else fut
+        return fut
 
     return wrapped
 
@@ -206,7 +249,7 @@ def attach_compressor(ddp: DDP, model, name: str, args, world: int):
         inner = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
                                    start_powerSGD_iter=max(2, args.start_iter), random_seed=args.seed)
         counting = _Counting(inner, "powersgd", world, args.powersgd_rank)
-        ddp.register_comm_hook(counting, _counting_hook(psgd.powerSGD_hook))
+        ddp.register_comm_hook(counting, _counting_hook(psgd.powerSGD_hook, serial=True))
     else:
         raise ValueError(name)
     return counting
@@ -390,11 +433,47 @@ def load_data(args, rank: int, world: int):
 
 def make_model(args, d):
     torch.manual_seed(args.seed)
+    if args.model == "gpt":
+        return build_model("gpt", preset=args.gpt_preset, vocab_size=d["vocab"], dropout=args.dropout)
     if d["kind"] == "text":
         return build_model("lstm", vocab_size=d["vocab"], hidden=args.hidden)
     x = d["train"].x
     return build_model("cnn", in_channels=x.shape[1], num_classes=d["train"].num_classes,
                        image_size=x.shape[-1])
+
+
+def make_optimizer(args, model):
+    """SGD with momentum, or AdamW with weight decay on matrices (2-D and up: linear and
+    embedding weights) and none on biases and LayerNorm parameters."""
+    if args.optimizer == "adamw":
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                  {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+
+def lr_factor(args, step: int, total: int) -> float:
+    """The learning rate multiplier before step ``step`` (0-based) of ``total``: 1, or with
+    ``--schedule cosine`` a linear warm-up over ``--warmup-steps`` and then a cosine decay
+    to 10 %."""
+    if args.schedule != "cosine":
+        return 1.0
+    warm = min(args.warmup_steps, max(total - 1, 0))
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def text_forward(model, x, state):
+    """One text batch through a language model (DDP-wrapped or not): ``(logits, state)``;
+    the LSTM carries its (detached) state across batches, the GPT has none."""
+    inner = model.module if isinstance(model, DDP) else model
+    if isinstance(inner, CharGPT):
+        return model(x), None
+    logits, state = model(x, state)
+    return logits, tuple(s.detach() for s in state)
 
 
 def batches(args, d, rank, world, epoch):
@@ -417,7 +496,7 @@ def evaluate(model, d, args, rank, world, backend) -> dict:
             total = torch.zeros(2, dtype=torch.float64)
             state = None
             for x, y in datasets.char_batches(shard, min(args.batch_size, 16), args.seq_len):
-                logits, state = model(x, state)
+                logits, state = text_forward(model, x, state)
                 total[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                             reduction="sum").double()
                 total[1] += y.numel()
@@ -441,7 +520,7 @@ def evaluate(model, d, args, rank, world, backend) -> dict:
 
 def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     model = make_model(args, d)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    opt = make_optimizer(args, model)
 
     def clip():
         if d["kind"] == "text":
@@ -451,6 +530,7 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     ddp, do_step, hook_state = prepared[:3]
     if len(prepared) > 3:
         opt = prepared[3]
+    base_lrs = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = len(batches(args, d, rank, world, 0))
     total = int(math.ceil(args.epochs * steps_per_epoch))
     if args.max_steps:
@@ -467,9 +547,12 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
         for x, y in batches(args, d, rank, world, epoch):
             if step >= total:
                 break
+            if args.schedule != "constant":
+                factor = lr_factor(args, step, total)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * factor
             if d["kind"] == "text":
-                logits, state = ddp(x, state)
-                state = tuple(s.detach() for s in state)
+                logits, state = text_forward(ddp, x, state)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             else:
                 loss = F.cross_entropy(ddp(x), y)
