@@ -195,7 +195,20 @@ class DDPPath:
         return _DDPRunner(model, opt, cfg, scaler, find_unused)
 
 
-class _DDPRunner:
+class _Runner:
+    """What the harness reads from any integration's state."""
+
+    def compressor(self):
+        return self.state.compressor
+
+    def owner(self):
+        return self.state.owner
+
+    def residue_scale(self):
+        return self.state.residue_scale
+
+
+class _DDPRunner(_Runner):
     def __init__(self, model, opt, cfg, scaler, find_unused):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -219,15 +232,6 @@ class _DDPRunner:
     def step(self, fn):
         fn()
 
-    def compressor(self):
-        return self.state.compressor
-
-    def owner(self):
-        return self.state.owner
-
-    def residue_scale(self):
-        return self.state.residue_scale
-
 
 class SyncPath:
     """Horovod (``"horovod"``) or mpi4py (``"mpi"``), started by their launchers."""
@@ -249,7 +253,7 @@ class SyncPath:
         return _SyncRunner(self, model, opt, cfg, scaler)
 
 
-class _SyncRunner:
+class _SyncRunner(_Runner):
     def __init__(self, path, model, opt, cfg, scaler):
         self.path, self.model = path, model
         if path.kind == "horovod":
@@ -287,15 +291,6 @@ class _SyncRunner:
                 fn()
         else:
             fn()
-
-    def compressor(self):
-        return self.state.compressor
-
-    def owner(self):
-        return self.state.owner
-
-    def residue_scale(self):
-        return self.state.residue_scale
 
 
 def ddp_worker(rank, world, scenarios=SCENARIOS, modes=MODES):

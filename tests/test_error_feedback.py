@@ -135,18 +135,23 @@ def test_ddp_on_a_subgroup(tmp_path):
 
 # ------------------------------------------------------------------ checkpoints
 
-def _ckpt_identity(rank, world, saved_path):
+def _one_step():
+    """A small DDP model with the hook, after one step: (model, ddp, state)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     ddp = DDP(model)
     state = adacomp.AdaCompState(model=ddp, min_numel=0, log_every=0)
     ddp.register_comm_hook(state, adacomp.adacomp_hook)
     ddp(torch.randn(8, 64)).sum().backward()
+    return model, ddp, state
+
+
+def _ckpt_identity(rank, world, saved_path):
+    model, ddp, state = _one_step()
     sd = state.state_dict()
     out = {"world": sd["world"], "rank": sd["rank"], "exchange": sd["exchange"]}
     if world == 2:
         torch.save(sd, saved_path.format(rank=rank))
-        other = [None]
         # rank 0's state on rank 1 (and back): refused
         objs = [None, None]
         dist.all_gather_object(objs, sd)
@@ -271,12 +276,7 @@ def _pickled(rank, world, blob):
 
 
 def _make_pickles(rank, world):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    ddp = DDP(model)
-    state = adacomp.AdaCompState(model=ddp, min_numel=0, log_every=0)
-    ddp.register_comm_hook(state, adacomp.adacomp_hook)
-    ddp(torch.randn(8, 64)).sum().backward()
+    model, ddp, state = _one_step()
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()

@@ -258,6 +258,20 @@ class ExchangeState:
     __slots__ = ()  # subclasses declare compressor, owner, exchange, cost_model, iter, traffic,
     #                 ledger, scaler, residue_scale, owner_pending
 
+    def _init_exchange_state(self, compressor: AdaComp, exchange: str, cost_model, scaler) -> None:
+        """Set the attributes every exchange state has (fresh: no residues, step 0)."""
+        self.compressor = compressor
+        self.owner = None
+        self.exchange = exchange
+        self.cost_model = cost_model
+        self.iter = 0
+        self.traffic = TrafficStats()
+        self.ledger = StepLedger()
+        self.scaler = None
+        self.set_scaler(scaler)
+        self.residue_scale = None
+        self.owner_pending = {}
+
     def owner_compressor(self) -> AdaComp:
         """The compressor holding this rank's owner residues (created on first use)."""
         if self.owner is None:
@@ -483,17 +497,7 @@ class PlainExchangeState(ExchangeState):
 
     def __init__(self, compressor: AdaComp, exchange: str = "auto", cost_model: CostModel | None = None,
                  *, scaler=None, world: int | None = None, rank: int | None = None):
-        self.compressor = compressor
-        self.owner = None
-        self.exchange = check_exchange(exchange)
-        self.cost_model = cost_model or CostModel()
-        self.iter = 0
-        self.traffic = TrafficStats()
-        self.ledger = StepLedger()
-        self.scaler = None
-        self.set_scaler(scaler)
-        self.residue_scale = None
-        self.owner_pending = {}
+        self._init_exchange_state(compressor, check_exchange(exchange), cost_model or CostModel(), scaler)
         self.world, self.rank = world, rank
 
     def _identity(self) -> dict:
@@ -530,16 +534,27 @@ def config_hash(comp: AdaComp, names, grads, bins, exchange: str) -> int:
     return int.from_bytes(hashlib.blake2b(desc.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def range_key(name: str, start: int, end: int, what: str) -> str:
+    """The residue name of the part ``[start, end)`` of parameter ``name`` (``what``: the kind
+    of part, e.g. ``"shard"``)."""
+    return f"{name}@{what}[{start}:{end}]"
+
+
+def parse_range_key(key: str, what: str) -> tuple[str, int, int]:
+    """Inverse of :func:`range_key`: ``(name, start, end)``."""
+    name, _, rng = key.rpartition(f"@{what}[")
+    start, _, end = rng.rstrip("]").partition(":")
+    return name, int(start), int(end)
+
+
 def owner_key(name: str, start: int, end: int) -> str:
     """The owner residue's name for shard ``[start, end)`` of parameter ``name``."""
-    return f"{name}@shard[{start}:{end}]"
+    return range_key(name, start, end, "shard")
 
 
 def parse_owner_key(key: str) -> tuple[str, int, int]:
     """Inverse of :func:`owner_key`."""
-    name, _, rng = key.rpartition("@shard[")
-    start, _, end = rng.rstrip("]").partition(":")
-    return name, int(start), int(end)
+    return parse_range_key(key, "shard")
 
 
 class GroupExchange:

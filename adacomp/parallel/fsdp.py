@@ -66,12 +66,13 @@ from .exchange import (
     ZERO,
     ConfigMismatchError,
     ExchangeState,
-    StepLedger,
     all_zero,
     check_headers,
     config_hash,
     dense_flags,
     error_meta,
+    parse_range_key,
+    range_key,
 )
 
 try:  # the protocol class FSDP2 documents; custom comms need not subclass it
@@ -91,14 +92,12 @@ EMPTY = -2
 
 def piece_key(name: str, start: int, end: int) -> str:
     """The residue name of rows ``[start, end)`` of parameter ``name``'s unsharded gradient."""
-    return f"{name}@rows[{start}:{end}]"
+    return range_key(name, start, end, "rows")
 
 
 def parse_piece_key(key: str) -> tuple[str, int, int]:
     """Inverse of :func:`piece_key`."""
-    name, _, rng = key.rpartition("@rows[")
-    start, _, end = rng.rstrip("]").partition(":")
-    return name, int(start), int(end)
+    return parse_range_key(key, "rows")
 
 
 class _Param:
@@ -443,17 +442,7 @@ class FSDPAdaCompState(ExchangeState):
                  "_step_device")
 
     def __init__(self, compressor: AdaComp, process_group, *, scaler=None, log_every: int = 0):
-        self.compressor = compressor
-        self.owner = None
-        self.exchange = EXCHANGE_NAME
-        self.cost_model = None
-        self.iter = 0
-        self.traffic = TrafficStats()
-        self.ledger = StepLedger()
-        self.scaler = None
-        self.set_scaler(scaler)
-        self.residue_scale = None
-        self.owner_pending = {}
+        self._init_exchange_state(compressor, EXCHANGE_NAME, None, scaler)
         self.process_group = process_group
         self.world = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
