@@ -1,6 +1,7 @@
 """The main job (launch/train.py) end to end under torchrun, on real data (digits)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -171,3 +172,31 @@ def test_ddp_hook_under_mpirun_launcher_exits_cleanly(tmp_path):
     under_mpi = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                timeout=120).stdout.strip()
     assert under_mpi.endswith("ddp-mpiexec.png") and under_mpi != parse_args([]).plot, under_mpi
+
+
+def test_gpt_bf16_hook_and_bf16_autocast(tmp_path):
+    """--compressor bf16 (PyTorch's bf16_compress_hook) and --autocast bf16 run the GPT with
+    AdamW; bf16 hands half of dense's bytes to collectives; per-name --bin-size and the
+    --gpt-* size overrides are accepted."""
+    from adacomp.workloads import data
+
+    if not data.available("shakespeare"):
+        pytest.skip("needs the Shakespeare corpus: python -m adacomp.workloads.data fetch shakespeare")
+    out = tmp_path / "gpt.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "launch", "train.py"), "--model", "gpt", "--data", "shakespeare",
+           "--gpt-preset", "tiny", "--gpt-layers", "1", "--gpt-embd", "32", "--gpt-heads", "2",
+           "--max-chars", "20000", "--seq-len", "16", "--batch-size", "8", "--autocast", "bf16",
+           "--compressor", "none", "bf16", "adacomp", "--bin-size", "emb=100,500",
+           "--max-steps", "4", "--log-every", "2", "--json", str(out), "--plot", "", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["args"]["autocast"] == "bf16"
+    runs = {r["compressor"]: r for r in res["runs"]}
+    for r in runs.values():
+        assert r["steps"] == 4 and math.isfinite(r["metrics"]["val_loss"])
+    wire = {k: r["traffic"]["total"]["all"]["wire_bytes"] for k, r in runs.items()}
+    assert wire["bf16"] * 2 == pytest.approx(wire["none"], rel=0.01)
+    assert wire["adacomp"] < wire["none"]

@@ -18,8 +18,12 @@ data shards, one after the other, through DDP with that compressor's communicati
 
 * ``none``: PyTorch's allreduce hook (dense fp32),
 * ``fp16``: PyTorch's ``fp16_compress_hook``,
+* ``bf16``: PyTorch's ``bf16_compress_hook`` (the 16-bit baseline for bf16 training),
 * ``powersgd``: PyTorch's ``PowerSGDState`` / ``powerSGD_hook`` (rank ``--powersgd-rank``),
 * ``adacomp``: this project's :func:`adacomp.adacomp_hook`.
+
+``--autocast bf16`` runs forward and loss under ``torch.autocast(<device>, torch.bfloat16)``
+(weights, gradients and optimizer state stay fp32; validation runs in fp32 either way).
 
 Rank 0 shows a progress bar, prints a summary table (accuracy or validation loss / bits per
 character, wall time, compression ratio by layer kind, bytes per worker on the wire) and
@@ -48,7 +52,7 @@ from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 from . import data as datasets
 from .models import GPT_PRESETS, CharGPT, build_model
 
-COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
+COMPRESSORS = ("none", "fp16", "bf16", "powersgd", "adacomp")
 IMAGE_DATA = ("digits", "mnist", "fashion-mnist")
 TEXT_DATA = ("shakespeare",)
 IMAGE_MODELS = ("cnn",)
@@ -95,9 +99,15 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="lstm: hidden size")
     p.add_argument("--gpt-preset", default="gpt", choices=list(GPT_PRESETS),
                    help="gpt: sizes (models.GPT_PRESETS; the vocabulary comes from the data)")
+    p.add_argument("--gpt-layers", type=int, default=None, help="gpt: blocks (default: the preset's)")
+    p.add_argument("--gpt-embd", type=int, default=None, help="gpt: width (default: the preset's)")
+    p.add_argument("--gpt-heads", type=int, default=None, help="gpt: attention heads (default: the preset's)")
     p.add_argument("--dropout", type=float, default=0.0, help="gpt: dropout")
-    p.add_argument("--bin-size", type=int, default=None,
-                   help="adacomp: one bin size for all (default: the paper's)")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                   help="forward and loss under torch.autocast in bfloat16 (fp32 master weights)")
+    p.add_argument("--bin-size", type=_bin_size_arg, default=None,
+                   help="adacomp: one bin size for all, or per parameter name 'SUBSTR=N,...,N' (the "
+                        "first SUBSTR found in the name wins, a bare N is the rest; default: the paper's)")
     p.add_argument("--min-numel", type=int, default=1024, help="adacomp: smaller tensors go dense")
     p.add_argument("--values", default="ternary", choices=["ternary", "fp16", "fp32"])
     p.add_argument("--scale", default="binmax_mean", choices=["binmax_mean", "selected_mean"])
@@ -129,11 +139,12 @@ def parse_args(argv=None):
         args.schedule = "cosine" if args.model == "gpt" else "constant"
     if args.plot is None:
         args.plot = default_plot_path(args)
-    unsupported = {"horovod": {"powersgd"}, "mpi": {"powersgd", "fp16"}}.get(args.backend, set())
+    unsupported = {"horovod": {"powersgd", "bf16"},
+                   "mpi": {"powersgd", "fp16", "bf16"}}.get(args.backend, set())
     bad = sorted(set(args.compressor) & unsupported)
     if bad:
         p.error(f"--compressor {' '.join(bad)} is not available with --backend {args.backend} "
-                f"(PowerSGD is a DDP hook; the mpi4py path offers none and adacomp)")
+                f"(PowerSGD and bf16 are DDP hooks; the mpi4py path offers none and adacomp)")
     if (args.model in TEXT_MODELS) != (args.data in TEXT_DATA):
         p.error(f"--model {args.model} does not fit --data {args.data}: cnn takes image data "
                 f"({', '.join(IMAGE_DATA)}), lstm and gpt take text ({', '.join(TEXT_DATA)})")
@@ -141,6 +152,40 @@ def parse_args(argv=None):
     if args.model == "gpt" and args.seq_len > block:
         p.error(f"--seq-len {args.seq_len} exceeds the block size {block} of --gpt-preset {args.gpt_preset}")
     return args
+
+
+class BinSizeByName:
+    """``--bin-size`` per parameter name: ``[(substring, size), ...]`` tried in order, then
+    ``rest`` (None: the paper's default for that tensor)."""
+
+    def __init__(self, rules, rest):
+        self.rules, self.rest = rules, rest
+
+    def __call__(self, name, tensor):
+        for sub, size in self.rules:
+            if sub in name:
+                return size
+        if self.rest is not None:
+            return self.rest
+        from ..compressor import default_bin_size
+
+        return default_bin_size(tensor)
+
+    def __repr__(self):
+        return ",".join([f"{s}={n}" for s, n in self.rules] + ([str(self.rest)] if self.rest else []))
+
+
+def _bin_size_arg(text: str):
+    if "=" not in text:
+        return int(text)
+    rules, rest = [], None
+    for part in text.split(","):
+        if "=" in part:
+            sub, n = part.split("=", 1)
+            rules.append((sub, int(n)))
+        else:
+            rest = int(part)
+    return BinSizeByName(rules, rest)
 
 
 def _started_by_mpiexec() -> bool:
@@ -191,7 +236,7 @@ class _Counting:
             dense = g.numel() * 4
             if self.kind == "none":
                 wire = g.numel() * g.element_size()
-            elif self.kind == "fp16":
+            elif self.kind in ("fp16", "bf16"):
                 wire = g.numel() * 2
             else:  # PowerSGD: P and Q of rank r for matrices it compresses, else dense
                 wire = g.numel() * g.element_size()
@@ -245,6 +290,9 @@ def attach_compressor(ddp: DDP, model, name: str, args, world: int):
     elif name == "fp16":
         counting = _Counting(None, "fp16", world)
         ddp.register_comm_hook(counting, _counting_hook(default_hooks.fp16_compress_hook))
+    elif name == "bf16":
+        counting = _Counting(None, "bf16", world)
+        ddp.register_comm_hook(counting, _counting_hook(default_hooks.bf16_compress_hook))
     elif name == "powersgd":
         inner = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
                                    start_powerSGD_iter=max(2, args.start_iter), random_seed=args.seed)
@@ -434,7 +482,10 @@ def load_data(args, rank: int, world: int):
 def make_model(args, d):
     torch.manual_seed(args.seed)
     if args.model == "gpt":
-        return build_model("gpt", preset=args.gpt_preset, vocab_size=d["vocab"], dropout=args.dropout)
+        sizes = {k: v for k, v in (("n_layer", args.gpt_layers), ("n_embd", args.gpt_embd),
+                                   ("n_head", args.gpt_heads)) if v is not None}
+        return build_model("gpt", preset=args.gpt_preset, vocab_size=d["vocab"], dropout=args.dropout,
+                           **sizes)
     if d["kind"] == "text":
         return build_model("lstm", vocab_size=d["vocab"], hidden=args.hidden)
     x = d["train"].x
@@ -474,6 +525,15 @@ def text_forward(model, x, state):
         return model(x), None
     logits, state = model(x, state)
     return logits, tuple(s.detach() for s in state)
+
+
+def autocast(args):
+    """The ``--autocast`` context for forward and loss (a no-op for ``none``)."""
+    import contextlib
+
+    if args.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def batches(args, d, rank, world, epoch):
@@ -551,11 +611,12 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
                 factor = lr_factor(args, step, total)
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * factor
-            if d["kind"] == "text":
-                logits, state = text_forward(ddp, x, state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            else:
-                loss = F.cross_entropy(ddp(x), y)
+            with autocast(args):
+                if d["kind"] == "text":
+                    logits, state = text_forward(ddp, x, state)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                else:
+                    loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
             do_step()
@@ -620,12 +681,13 @@ def plot(results: list[dict], path: str, title: str) -> None:
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)")
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     for r in results:
         s, loss = zip(*r["loss_curve"])
         a.plot(s, loss, label=r["compressor"])
         s, w = zip(*r["wire_curve"])
         b.plot(s, [x / 1e6 for x in w], label=r["compressor"])
+        c.plot([x / 1e6 for x in w], loss, label=r["compressor"])  # records at the same steps
     a.set_xlabel("step")
     a.set_ylabel("training loss")
     a.legend()
@@ -633,6 +695,10 @@ def plot(results: list[dict], path: str, title: str) -> None:
     b.set_ylabel("cumulative MB handed to collectives (per worker)")
     b.set_yscale("log")
     b.legend()
+    c.set_xlabel("cumulative MB handed to collectives (per worker)")
+    c.set_ylabel("training loss")
+    c.set_xscale("log")
+    c.legend()
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -658,7 +724,7 @@ def main(argv=None) -> list[dict]:
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "world": world, "runs": results}, f, indent=2)
+                json.dump({"args": vars(args), "world": world, "runs": results}, f, indent=2, default=repr)
             print(f"wrote {args.json}")
         if args.plot:
             plot(results, args.plot, title)
