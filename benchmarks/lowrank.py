@@ -5,7 +5,9 @@ on stdout) for ``--epochs`` (default 3, SGD with cosine decay, seeded), then com
 each parameter reduction (default 50 %, 70 %, 80 %) with each method, once without
 fine-tuning and once with the same short training budget:
 
-* without fine-tuning: the allocation of ``LowRankConfig(ratio, method)``, factorized at once.
+* without fine-tuning: the allocation of ``LowRankConfig(ratio, method)``, factorized at once
+  (``plain``: ``adacomp.stages.baselines.plain_svd_config``, which keeps small layers such as the
+  10-output head dense; ``uniform`` cuts the head too and is a strawman).
   BSR scores its candidates by accuracy on ``--calib`` held-out *training* images (never the
   test set).
 * with fine-tuning: the same allocation (``method="fixed"``), then ``--train-steps`` SGD steps
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from adacomp.stages import LowRankConfig, compress_
+from adacomp.stages.baselines import plain_svd_config
 from adacomp.workloads import data as datasets
 from adacomp.workloads.models import SmallCNN, accuracy
 
@@ -60,7 +63,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="parameter reductions")
     ap.add_argument(
-        "--methods", nargs="+", default=["bsr", "uniform", "energy"], choices=["bsr", "uniform", "energy"]
+        "--methods",
+        nargs="+",
+        default=["bsr", "uniform", "energy"],
+        choices=["bsr", "uniform", "energy", "plain"],
+        help="'uniform' cuts every layer by one rank fraction, the 10-output head included (a strawman); "
+        "'plain' is the fair plain SVD of adacomp.stages.baselines (small layers dense, the rest cut "
+        "by one factor)",
     )
     ap.add_argument("--beam-width", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=200, help="fine-tuning budget per compressed model")
@@ -216,7 +225,10 @@ def run(args) -> dict:
     for ratio in args.ratios:
         for method in args.methods:
             model = copy.deepcopy(base)
-            cfg = LowRankConfig(ratio=ratio, method=method, beam_width=args.beam_width)
+            if method == "plain":  # fixed ranks from the plain rule, same fine-tuning as every method
+                cfg = plain_svd_config(model, ratio)
+            else:
+                cfg = LowRankConfig(ratio=ratio, method=method, beam_width=args.beam_width)
             rep = compress_(
                 model,
                 cfg,
@@ -307,7 +319,7 @@ def check(result: dict) -> dict:
     out = {}
     for ratio in sorted({r["ratio"] for r in result["rows"]}):
         bsr = by.get((ratio, "bsr"))
-        others = [by[(ratio, m)] for m in ("uniform", "energy") if (ratio, m) in by]
+        others = [by[(ratio, m)] for m in ("uniform", "energy", "plain") if (ratio, m) in by]
         if bsr is None or not others:
             continue
         out[f"{ratio:.2f}"] = {
@@ -389,7 +401,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colors = {"bsr": "C0", "uniform": "C1", "energy": "C2"}
+    colors = {"bsr": "C0", "uniform": "C1", "energy": "C2", "plain": "C3"}
     panels = (
         (axes[0], "test_acc", "without fine-tuning"),
         (axes[1], "ft_test_acc", f"after {result['train_steps']} fine-tuning steps"),
