@@ -125,8 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="PATH", default=None,
                    help="write loss and bytes curves as PNG ('' for none; default: "
                         "results/train_<data>_<backend>.png, one file per launcher)")
-    p.add_argument("--backend", default="ddp", choices=["ddp", "horovod", "mpi"],
-                   help="integration: DDP hooks (torchrun), Horovod (horovodrun), mpi4py (mpiexec)")
+    p.add_argument("--backend", default="ddp", choices=["ddp", "horovod", "mpi", "fsdp"],
+                   help="integration: DDP hooks (torchrun), Horovod (horovodrun), mpi4py (mpiexec), "
+                        "FSDP2 reduce-scatter (torchrun; none and adacomp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.model is None:
@@ -140,11 +141,13 @@ def parse_args(argv=None):
     if args.plot is None:
         args.plot = default_plot_path(args)
     unsupported = {"horovod": {"powersgd", "bf16"},
-                   "mpi": {"powersgd", "fp16", "bf16"}}.get(args.backend, set())
+                   "mpi": {"powersgd", "fp16", "bf16"},
+                   "fsdp": {"powersgd", "fp16", "bf16"}}.get(args.backend, set())
     bad = sorted(set(args.compressor) & unsupported)
     if bad:
         p.error(f"--compressor {' '.join(bad)} is not available with --backend {args.backend} "
-                f"(PowerSGD and bf16 are DDP hooks; the mpi4py path offers none and adacomp)")
+                f"(PowerSGD, fp16 and bf16 are DDP hooks; the mpi4py and FSDP2 paths offer none "
+                f"and adacomp)")
     if (args.model in TEXT_MODELS) != (args.data in TEXT_DATA):
         p.error(f"--model {args.model} does not fit --data {args.data}: cnn takes image data "
                 f"({', '.join(IMAGE_DATA)}), lstm and gpt take text ({', '.join(TEXT_DATA)})")
@@ -464,7 +467,61 @@ def _all_dense(name, tensor):
     return None
 
 
-BACKENDS = {"ddp": DDPBackend, "horovod": HorovodBackend, "mpi": MPIBackend}
+class _FSDPDense:
+    """Counts what FSDP2's dense reduce-scatter hands over: every rank's whole unsharded
+    gradient in the reduce dtype (fp32), and receives ``(W-1)/W`` of it."""
+
+    def __init__(self, world: int):
+        self.traffic = TrafficStats()
+        self.world = world
+
+    def count(self, model) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                kind = layer_kind(p.shape) if p.dim() >= 2 else "dense"
+                wire = p.numel() * 4
+                self.traffic.add(kind, wire, wire)
+                self.traffic.add_received((self.world - 1) * wire // self.world)
+        self.traffic.end_step()
+
+
+class FSDPBackend(DDPBackend):
+    """FSDP2 (``fully_shard`` per block, then the root; torchrun); AdaComp as the compressing
+    reduce-scatter of :mod:`adacomp.parallel.fsdp`, the baseline FSDP2's dense one."""
+
+    name = "fsdp"
+
+    def prepare(self, model, opt, name, args, world, clip):
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = getattr(model, "blocks", None)
+        for child in (blocks if blocks is not None else model.children()):
+            if any(True for _ in child.parameters()):
+                fully_shard(child, reshard_after_forward=False)
+        fully_shard(model, reshard_after_forward=False)
+        opt = make_optimizer(args, model)  # over the sharded parameters
+        if name == "adacomp":
+            from ..parallel import fsdp as adacomp_fsdp
+
+            state = adacomp_fsdp.apply_(model, bin_size=args.bin_size, min_numel=args.min_numel,
+                                        values=args.values, scale=args.scale)
+
+            def step():
+                clip()
+                opt.step()
+
+            return model, step, state, opt
+        counter = _FSDPDense(world)
+
+        def dense_step():
+            counter.count(model)
+            clip()
+            opt.step()
+
+        return model, dense_step, counter, opt
+
+
+BACKENDS = {"ddp": DDPBackend, "horovod": HorovodBackend, "mpi": MPIBackend, "fsdp": FSDPBackend}
 
 
 # ------------------------------------------------------------------------------ training
@@ -741,7 +798,7 @@ def run_and_exit(argv=None) -> None:
     MPI and Horovod finalize through their own exit handlers, so they exit normally."""
     args_backend = parse_args(argv).backend
     main(argv)
-    if args_backend == "ddp":
+    if args_backend in ("ddp", "fsdp"):
         sys.stdout.flush()
         sys.stderr.flush()
         mpi = sys.modules.get("mpi4py.MPI")  # torch.distributed initialised from mpiexec
