@@ -695,7 +695,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     bar.close()
     metrics = evaluate(model, d, args, rank, world, backend)
     traffic = hook_state.traffic.as_dict()
-    return {"compressor": name, "exchange": args.exchange if name == "adacomp" else None, "steps": step,
+    modes = name == "adacomp" and getattr(backend, "name", "") != "fsdp"  # FSDP: one all-to-all
+    return {"compressor": name, "exchange": args.exchange if modes else None, "steps": step,
             "wall_s": wall, "step_times": step_times, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 
