@@ -88,7 +88,8 @@ class AdaCompState(ExchangeState):
             hook's group, made on the first compressed step), so that the backward pass never
             waits on the network; buckets are exchanged in order, so every rank issues the
             same collectives in the same order. ``False``: the size exchange blocks the hook
-            and only the payload transfers are asynchronous.
+            and only the payload transfers are asynchronous. Not yet checked on CUDA (see
+            docs/algorithm.md, known gaps): use ``False`` on GPUs for now.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
 
