@@ -115,13 +115,33 @@ def bench(n: int, L: int, device: str, backends, repeat: int, with_reference: bo
                 del os.environ["ADACOMP_BACKEND"]
 
         row[f"{b}_decompress_sum8_s"] = timeit(dsum, repeat, sync)
+
+        # The public API every integration calls: selection, residue update and the payload
+        # bytes (whole, and split into 4 shard pieces as the sharded and auto exchanges do).
+        os.environ["ADACOMP_BACKEND"] = b
+        try:
+            comp = adacomp.AdaComp(bin_size=L, min_numel=0)
+            comp.set_residue("g", r)
+            comp.compress("g", d)
+            t = timeit(lambda comp=comp: comp.compress("g", d), repeat, sync)
+            row[f"{b}_compress_s"] = t
+            row[f"{b}_compress_vs_clone_bw"] = (12 * n / t) / (8 * n / t_clone)
+            row[f"{b}_compress_vs_topk"] = row["topk_s"] / t
+
+            def split(comp=comp):
+                _, pend = comp.prepare_split("g", d, 4)
+                comp.commit(pend)
+
+            row[f"{b}_split4_s"] = timeit(split, repeat, sync)
+        finally:
+            del os.environ["ADACOMP_BACKEND"]
     return row
 
 
 def print_table(rows, backends):
     head = (f"{'numel':>9} {'bin':>4} {'sent%':>6} {'ratio':>6} {'clone GB/s':>10} "
-            + " ".join(f"{b + ' GB/s':>10} {'/clone':>6} {'/topk':>6} {'/ref':>6} {'dsum8 ms':>9}"
-                       for b in backends))
+            + " ".join(f"{b + ' GB/s':>10} {'/clone':>6} {'/topk':>6} {'/ref':>6} {'dsum8 ms':>9} "
+                       f"{'API ms':>8} {'/clone':>6} {'/topk':>6} {'split4 ms':>9}" for b in backends))
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -131,11 +151,15 @@ def print_table(rows, backends):
             ref = r.get(f"{b}_vs_reference")
             cells.append(f"{r[f'{b}_select_GBps']:>10.2f} {r[f'{b}_vs_clone_bw']:>6.2f} "
                          f"{r[f'{b}_vs_topk']:>6.2f} {(f'{ref:.2f}' if ref else '-'):>6} "
-                         f"{1e3 * r[f'{b}_decompress_sum8_s']:>9.2f}")
+                         f"{1e3 * r[f'{b}_decompress_sum8_s']:>9.2f} "
+                         f"{1e3 * r[f'{b}_compress_s']:>8.2f} {r[f'{b}_compress_vs_clone_bw']:>6.2f} "
+                         f"{r[f'{b}_compress_vs_topk']:>6.2f} {1e3 * r[f'{b}_split4_s']:>9.2f}")
         print(" ".join(cells))
     print("\nGB/s counts 12 bytes per element; /clone = bandwidth ratio to torch.clone (8 B/elem);"
           "\n/topk and /ref = speed-up over torch.topk(|G|, k=sent) and the PyTorch reference;"
-          "\ndsum8 = decompress_sum of 8 payloads; ratio = dense bytes / payload bytes.")
+          "\ndsum8 = decompress_sum of 8 payloads; ratio = dense bytes / payload bytes;"
+          "\nAPI = AdaComp.compress (selection, residue and payload bytes; /clone at 12 B/elem,"
+          "\n/topk = torch.topk time over it); split4 = AdaComp.prepare_split into 4 shard payloads.")
 
 
 def main(argv=None):
