@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from ..stats import TrafficStats
 from .exchange import CostModel, ExchangeState, StepLedger, check_exchange, check_headers, error_meta
 
 logger = logging.getLogger(__name__)
@@ -118,19 +117,10 @@ class AdaCompState(ExchangeState):
         self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
         self.start_iter = start_iter
-        self.exchange = check_exchange(exchange)
-        self.cost_model = cost_model or CostModel()
-        self.owner = None
         self.log_every = log_every
-        self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
-                                  min_numel=min_numel, device=device)
-        self.iter = 0
-        self.traffic = TrafficStats()
-        self.ledger = StepLedger()
-        self.residue_scale = None
-        self.owner_pending = {}
-        self.scaler = None
-        self.set_scaler(scaler)
+        self._init_exchange_state(AdaComp(bin_size=bin_size, scale=scale, values=values,
+                                          min_numel=min_numel, device=device),
+                                  check_exchange(exchange), cost_model or CostModel(), scaler)
         self.overlap = bool(overlap)
         self._worker_obj = None
         self._param_names = {}
@@ -173,9 +163,6 @@ class AdaCompState(ExchangeState):
         return {"world": dist.get_world_size(group), "rank": dist.get_rank(group)}
 
     # -- step counter (advances on the last bucket, as PowerSGD's) -----------------------
-    def maybe_increase_iter(self, bucket) -> None:
-        _maybe_end_step(self, bucket.is_last())
-
     # -- the exchange thread ------------------------------------------------------------
     def _worker(self, group):
         """The thread (and its process group, a copy of ``group``) that runs the exchanges
@@ -251,18 +238,20 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     state.begin_step()
     last = bucket.is_last()
     params = bucket.parameters()
-    if buf.is_sparse or state.iter < state.start_iter:
-        # Sparse buckets (averaged uncompressed, as PyTorch's default) and dense warm-up steps.
+    # Sparse buckets (averaged uncompressed, as PyTorch's default) and dense warm-up steps.
+    dense_only = buf.is_sparse or state.iter < state.start_iter
+    if dense_only:
         for p in params:
             state.traffic.add("dense", p.numel() * 4, 0 if buf.is_sparse else p.numel() * p.element_size())
-        work = functools.partial(_average_sync, state, buf, last, world)
-    else:
-        work = functools.partial(_exchange_sync, state, buf, bucket.gradients(), params, last,
-                                 world=world)
     if state.overlap:
         worker = state._worker(group)
-        return worker.submit(functools.partial(work, group=worker.group))
-    if work.func is _average_sync:
+        if dense_only:
+            work = functools.partial(_average_sync, state, buf, last, world, group=worker.group)
+        else:
+            work = functools.partial(_exchange_sync, state, buf, bucket.gradients(), params, last,
+                                     world=world, group=worker.group)
+        return worker.submit(work)
+    if dense_only:
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         _maybe_end_step(state, last)
         return fut.then(lambda f: f.value()[0].div_(world))
@@ -314,20 +303,28 @@ def _end_bucket(state, ex, last):
     _maybe_end_step(state, last)
 
 
+def _transfers(ex, world, group, async_op: bool):
+    """Issue the payload all-gather and the dense allreduce of ``ex``; returns the gathered
+    ``[world, n]`` bytes, the dense buffer (summed in place) and the works (``async_op``)."""
+    gathered = None
+    works = []
+    mine = ex.payload_buffer()
+    if mine is not None:
+        flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
+        works.append(_all_gather_single(flat, mine, group=group, async_op=async_op))
+        gathered = flat.view(world, mine.numel())
+    dense = ex.dense_buffer()
+    if dense is not None:
+        works.append(dist.all_reduce(dense, group=group, async_op=async_op))
+    return gathered, dense, works
+
+
 def _exchange_sync(state, buf, grads, params, last, *, world, group):
     """The whole exchange of one bucket with blocking collectives (on the state's worker
     thread and its own process group, so it overlaps with the rest of the backward pass)."""
     ex = _prepare(state, grads, params, group, world)
     _decide(state, ex, group, world)
-    gathered = dense = None
-    mine = ex.payload_buffer()
-    if mine is not None:
-        flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
-        _all_gather_single(flat, mine, group=group)
-        gathered = flat.view(world, mine.numel())
-    dense = ex.dense_buffer()
-    if dense is not None:
-        dist.all_reduce(dense, group=group)
+    gathered, dense, _ = _transfers(ex, world, group, async_op=False)
     _end_bucket(state, ex, last)
     ex.finish(gathered, dense)
     return buf
@@ -341,27 +338,18 @@ def _exchange_async(state, buf, grads, params, last, group, world):
     # the next bucket's collectives in a different order on different ranks: overlap=True
     # runs the whole exchange on a worker thread with its own process group instead.
     _decide(state, ex, group, world)
-    futures = []
-    gathered = dense = None
-    mine = ex.payload_buffer()
-    if mine is not None:
-        flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
-        futures.append(_all_gather_single(flat, mine, group=group, async_op=True).get_future())
-        gathered = flat.view(world, mine.numel())
-    dense = ex.dense_buffer()
-    if dense is not None:
-        futures.append(dist.all_reduce(dense, group=group, async_op=True).get_future())
+    gathered, dense, works = _transfers(ex, world, group, async_op=True)
     _end_bucket(state, ex, last)
 
     def finish(_):
         ex.finish(gathered, dense)
         return buf
 
-    if not futures:
+    if not works:
         fut = torch.futures.Future()
         fut.set_result(finish(None))
         return fut
-    return torch.futures.collect_all(futures).then(finish)
+    return torch.futures.collect_all([w.get_future() for w in works]).then(finish)
 
 
 class _Worker:

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from ..stats import TrafficStats
-from .exchange import CostModel, ExchangeState, StepLedger, Transport, check_exchange
+from .exchange import CostModel, ExchangeState, Transport, check_exchange
 
 
 def _mpi():
@@ -66,19 +65,10 @@ class Communicator(ExchangeState):
                  cost_model: CostModel | None = None, device=None, scaler=None):
         MPI = _mpi()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        self.compressor = AdaComp(bin_size=bin_size, scale=scale, values=values,
-                                  min_numel=min_numel, device=device)
         self.start_iter = start_iter
-        self.exchange = check_exchange(exchange)
-        self.cost_model = cost_model or CostModel()
-        self.owner = None
-        self.iter = 0
-        self.traffic = TrafficStats()
-        self.ledger = StepLedger()
-        self.residue_scale = None
-        self.owner_pending = {}
-        self.scaler = None
-        self.set_scaler(scaler)
+        self._init_exchange_state(AdaComp(bin_size=bin_size, scale=scale, values=values,
+                                          min_numel=min_numel, device=device),
+                                  check_exchange(exchange), cost_model or CostModel(), scaler)
 
     def _identity(self) -> dict:
         return {"world": self.world, "rank": self.rank}
