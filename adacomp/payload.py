@@ -157,6 +157,19 @@ def encode_header(shape, bin_size: int, n_sent: int, kind: int, nonfinite: bool,
     return bytes(out)
 
 
+def check_claim(shape, expected=None, max_numel: int | None = None) -> None:
+    """Raise ``ValueError`` if a payload's claimed ``shape`` is not the ``expected`` one or
+    holds more than ``max_numel`` elements (what the receiver will allocate for it)."""
+    shape = tuple(shape)
+    if expected is not None and shape != tuple(int(x) for x in expected):
+        raise ValueError(f"adacomp payload claims shape {shape}, the receiver expects "
+                         f"{tuple(int(x) for x in expected)}")
+    numel = math.prod(shape)
+    if max_numel is not None and numel > max_numel:
+        raise ValueError(f"adacomp payload claims {numel} elements, more than the {max_numel} the "
+                         "receiver accepts (pass max_numel= or shape= to decode larger tensors)")
+
+
 def parse_header(buf, total_len: int | None = None, *, shape=None, max_numel: int | None = None) -> Header:
     """Parse and validate a header from a bytes-like object (or its first bytes).
 
@@ -181,7 +194,7 @@ def parse_header(buf, total_len: int | None = None, *, shape=None, max_numel: in
     ndim = buf[4]
     if ndim > MAX_NDIM:
         raise ValueError(f"adacomp payload claims {ndim} dimensions (at most {MAX_NDIM})")
-    expected = tuple(int(x) for x in shape) if shape is not None else None
+    expected = shape
     pos = 5
     shape = []
     for i in range(ndim):
@@ -192,11 +205,7 @@ def parse_header(buf, total_len: int | None = None, *, shape=None, max_numel: in
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise ValueError(f"adacomp payload claims {numel} elements (at most {MAX_NUMEL})")
-    if expected is not None and tuple(shape) != expected:
-        raise ValueError(f"adacomp payload claims shape {tuple(shape)}, the receiver expects {expected}")
-    if max_numel is not None and numel > max_numel:
-        raise ValueError(f"adacomp payload claims {numel} elements, more than the {max_numel} "
-                         "the receiver accepts (max_numel)")
+    check_claim(shape, expected, max_numel)
     if bin_size < 1 or bin_size > max(numel, 1) or bin_size > MAX_BIN_SIZE:
         raise ValueError(f"adacomp payload has bin_size {bin_size} for {numel} elements "
                          f"(must be between 1 and the element count)")
@@ -576,12 +585,6 @@ def decompress(payload, *, shape=None, max_numel: int | None = None) -> torch.Te
     if max_numel is None and shape is None:
         max_numel = DEFAULT_MAX_DECODE_NUMEL
     p = _as_payload(payload)
-    if shape is not None and tuple(p.shape) != tuple(int(x) for x in shape):
-        raise ValueError(f"adacomp payload claims shape {tuple(p.shape)}, the receiver expects "
-                         f"{tuple(int(x) for x in shape)}")
-    if max_numel is not None and math.prod(p.shape) > max_numel:
-        raise ValueError(f"adacomp payload claims {math.prod(p.shape)} elements, more than the "
-                         f"{max_numel} the receiver accepts (pass max_numel= or shape= to decode "
-                         "larger tensors)")
+    check_claim(p.shape, shape, max_numel)
     out = torch.zeros(p.shape, dtype=torch.float32, device=p.tensor.device)
     return decompress_sum([p], out)
