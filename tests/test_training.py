@@ -174,14 +174,10 @@ def test_ddp_hook_under_mpirun_launcher_exits_cleanly(tmp_path):
     assert under_mpi.endswith("ddp-mpiexec.png") and under_mpi != parse_args([]).plot, under_mpi
 
 
-def test_gpt_bf16_hook_and_bf16_autocast(tmp_path):
+def test_gpt_bf16_hook_and_bf16_autocast(tmp_path, shakespeare):
     """--compressor bf16 (PyTorch's bf16_compress_hook) and --autocast bf16 run the GPT with
     AdamW; bf16 hands half of dense's bytes to collectives; per-name --bin-size and the
     --gpt-* size overrides are accepted."""
-    from adacomp.workloads import data
-
-    if not data.available("shakespeare"):
-        pytest.skip("needs the Shakespeare corpus: python -m adacomp.workloads.data fetch shakespeare")
     out = tmp_path / "gpt.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "launch", "train.py"), "--model", "gpt", "--data", "shakespeare",
@@ -189,12 +185,8 @@ def test_gpt_bf16_hook_and_bf16_autocast(tmp_path):
            "--max-chars", "20000", "--seq-len", "16", "--batch-size", "8", "--autocast", "bf16",
            "--compressor", "none", "bf16", "adacomp", "--bin-size", "emb=100,500",
            "--max-steps", "4", "--log-every", "2", "--json", str(out), "--plot", "", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["args"]["autocast"] == "bf16"
-    runs = {r["compressor"]: r for r in res["runs"]}
+    runs = _run_json(cmd, out)
+    assert json.loads(out.read_text())["args"]["autocast"] == "bf16"
     for r in runs.values():
         assert r["steps"] == 4 and math.isfinite(r["metrics"]["val_loss"])
     wire = {k: r["traffic"]["total"]["all"]["wire_bytes"] for k, r in runs.items()}
@@ -202,14 +194,10 @@ def test_gpt_bf16_hook_and_bf16_autocast(tmp_path):
     assert wire["adacomp"] < wire["none"]
 
 
-def test_fsdp_backend_trains_the_gpt(tmp_path):
+def test_fsdp_backend_trains_the_gpt(tmp_path, shakespeare):
     """--backend fsdp: fully_shard per block and root; FSDP2's dense reduce-scatter against
     AdaComp's compressing one (adacomp.parallel.fsdp), on 2 processes: both train, ranks
     agree on the validation loss, and AdaComp hands far fewer bytes to collectives."""
-    from adacomp.workloads import data
-
-    if not data.available("shakespeare"):
-        pytest.skip("needs the Shakespeare corpus: python -m adacomp.workloads.data fetch shakespeare")
     out = tmp_path / "fsdp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "launch", "train.py"), "--backend", "fsdp", "--model", "gpt",
@@ -217,10 +205,7 @@ def test_fsdp_backend_trains_the_gpt(tmp_path):
            "--gpt-heads", "2", "--max-chars", "20000", "--seq-len", "16", "--batch-size", "8",
            "--compressor", "none", "adacomp", "--max-steps", "6", "--log-every", "2",
            "--json", str(out), "--plot", "", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    runs = {r["compressor"]: r for r in json.loads(out.read_text())["runs"]}
+    runs = _run_json(cmd, out)
     for r in runs.values():
         assert r["steps"] == 6 and math.isfinite(r["metrics"]["val_loss"])
     fc = {k: r["traffic"]["total"]["fc"] for k, r in runs.items()}
