@@ -46,6 +46,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..optim import FrozenVarianceAdamW
 from ..parallel.ddp import AdaCompState, adacomp_hook
 from ..parallel.exchange import CostModel
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
@@ -88,6 +89,9 @@ def parse_args(argv=None):
                    help=f"default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd")
     p.add_argument("--weight-decay", type=float, default=0.1, help="adamw (matrices only)")
+    p.add_argument("--freeze-step", type=int, default=None,
+                   help="adamw: freeze the second moment after this many steps "
+                        "(adacomp.optim.FrozenVarianceAdamW; default: plain AdamW)")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
                    help="learning rate: constant, or cosine decay to 10%% after a linear warm-up "
                         "(--warmup-steps); default: cosine for gpt, constant otherwise")
@@ -556,8 +560,11 @@ def make_optimizer(args, model):
     if args.optimizer == "adamw":
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+        groups = [{"params": decay, "weight_decay": args.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        if getattr(args, "freeze_step", None):
+            return FrozenVarianceAdamW(groups, lr=args.lr, betas=(0.9, 0.95), freeze_step=args.freeze_step)
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
 
 
