@@ -82,6 +82,7 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd, freeze = group["lr"], group["eps"], group["weight_decay"], group["freeze_step"]
+            by_step: dict[int, list] = {}  # parameters at the same step go through foreach ops together
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -96,13 +97,19 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 t = int(state["step"]) + 1  # AdamW checkpoints hold it as a tensor
                 state["step"] = t
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1.0 - lr * wd)
-                m.lerp_(g, 1.0 - beta1)
+                by_step.setdefault(t, []).append((p, g, state["exp_avg"], state["exp_avg_sq"]))
+            for t, items in by_step.items():
+                ps, gs, ms, vs = (list(x) for x in zip(*items))
+                if wd:
+                    torch._foreach_mul_(ps, 1.0 - lr * wd)
+                torch._foreach_lerp_(ms, gs, 1.0 - beta1)
                 if t <= freeze:
-                    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                    torch._foreach_mul_(vs, beta2)
+                    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
                 bias1 = 1.0 - beta1 ** t
                 bias2 = 1.0 - beta2 ** min(t, freeze)
-                denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / bias1)
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denom, math.sqrt(bias2))
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias1)
         return loss

@@ -315,6 +315,28 @@ def precision_worker(rank, world):
                        "grad_zero": not bool(model.blocks[1].fc1.weight.grad.to_local().any()),
                        "calls": state.comms["blocks.1"].calls})
     out["unused"] = unused
+    # start_iter=2: the first two steps are FSDP2's plain reduce-scatter (shards equal an FSDP2
+    # run without AdaComp's; residues untouched), the third compresses.
+    from torch.distributed.fsdp import fully_shard
+
+    plain = make_model()
+    for b in plain.blocks:
+        fully_shard(b)
+    fully_shard(plain)
+    model, state = build(cfg=dict(CFG, start_iter=2))
+    opts = [torch.optim.SGD(m.parameters(), lr=LR) for m in (plain, model)]
+    warm = []
+    for step in range(3):
+        for m, opt in zip((plain, model), opts):
+            opt.zero_grad()
+            x, y = batch(rank, step)
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        warm.append({"equal": all(torch.allclose(a.to_local(), b.to_local(), rtol=0, atol=1e-6)
+                                  for a, b in zip(plain.parameters(), model.parameters())),
+                     "residue_abs": sum(float(state.residue(n).abs().sum()) for n in state.names()),
+                     "iter": state.iter})
+    out["start_iter"] = warm
     for label, policy in (("bf16-params-fp32-reduce", MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                                             reduce_dtype=torch.float32)),
                           ("bf16-reduce", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):

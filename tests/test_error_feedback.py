@@ -20,6 +20,7 @@ from . import _dist, _invariant
 from .test_integrations import launch, needs_hvd, needs_mpi
 
 pytestmark = pytest.mark.distributed
+FIXED_MODES = [m for m in _invariant.MODES if m != "auto"]
 
 
 def ddp_run(tmp_path, fn, world, *args, timeout=300):
@@ -35,8 +36,9 @@ def test_invariant_ddp(tmp_path, world):
     worst = _invariant.check(res, f"DDP W={world}")
     assert set(worst) == {(s, m) for s in _invariant.SCENARIOS for m in _invariant.MODES}
     # Loss scaling: residues follow the scale (growth every 2 steps, backoff at the Inf), so
-    # the scaled run is bit-identical to the unscaled run that skips the same step.
-    for mode in _invariant.MODES:
+    # the scaled run is bit-identical to the unscaled run that skips the same step (in the
+    # fixed modes: auto plans from measured times, so two runs may differ in a step's mode).
+    for mode in FIXED_MODES:
         a, b = res[0][("scaler", mode)], res[0][("skip", mode)]
         # grew after steps 1 and 3, backed off at 5, grew after 7 and 9
         assert a["scale"] == 2.0 ** 10 * 2 ** 2 / 2 * 2 ** 2
@@ -48,7 +50,7 @@ def test_invariant_ddp(tmp_path, world):
 def test_invariant_horovod(tmp_path):
     res = launch("invariant-horovod", 2, tmp_path)
     _invariant.check(res, "Horovod W=2")
-    for mode in _invariant.MODES:
+    for mode in FIXED_MODES:
         for n, p in res[0][("scaler", mode)]["params"].items():
             assert torch.equal(p, res[0][("skip", mode)]["params"][n]), (mode, n)
 

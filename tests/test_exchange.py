@@ -4,6 +4,7 @@ exactly; tests/test_ddp.py and tests/test_integrations.py run them over real col
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 
 from adacomp import AdaComp
 from adacomp.parallel.exchange import (
+    META_FIXED,
     CostModel,
     GroupExchange,
+    MeasuredCost,
     PlainExchangeState,
     Transport,
     owner_key,
@@ -267,3 +270,88 @@ def test_sharded_half_precision_gradients(dtype):
         for r in (1, 2):
             assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[r]))
     assert states[0].stats()["exchanges"]["sharded"] == 3
+
+
+def _headers(world, count, us):
+    """Header rows as every rank would send them: ``us[r]`` = {mode: microseconds}."""
+    h = torch.zeros(world, META_FIXED, dtype=torch.int64)
+    for r in range(world):
+        h[r, 5] = count
+        for i, m in enumerate(("allgather", "sharded", "dense")):
+            h[r, 6 + i] = us[r].get(m, -1)
+    return h
+
+
+def test_measured_cost_explores_then_takes_the_slowest_ranks_fastest_mode():
+    mc = MeasuredCost(trials=2, window=3, refresh=20)
+    plans = []
+    for call in range(30):
+        plans.append(mc.plan("g"))
+        # rank 1 is slow at allgather: its figure, not rank 0's, decides
+        us = [{"allgather": 1000, "sharded": 3000}, {"allgather": 5000, "sharded": 3500}]
+        seen = {m: v for m, v in us[0].items() if any(p == m for p in plans[:-1])}
+        mc.observe("g", _headers(2, call, [{m: us[r][m] for m in seen} for r in range(2)]))
+        mc.record("g", plans[-1], 1e-3)
+    assert plans[:4] == ["allgather", "allgather", "sharded", "sharded"]
+    assert plans[4:20] == ["sharded"] * 16  # 3.5 ms (rank 1) < 5 ms (rank 1)
+    assert plans[20:22] == ["allgather", "sharded"]  # refresh: each mode once more
+    assert plans[22:] == ["sharded"] * 8
+    # this rank's own figures: lower median of the last `window` times, in microseconds
+    for t in (4e-3, 1e-3, 2e-3, 9e-3):
+        mc.record("h", "sharded", t)
+    assert mc.header_fields("h") == [4, -1, 2000, -1]
+    assert pickle.loads(pickle.dumps(mc))._groups == {}  # measurements are not saved
+
+
+@pytest.mark.parametrize("kw, match", [(dict(modes=("ring",)), "modes"), (dict(modes=()), "modes"),
+                                       (dict(trials=0), "trials"), (dict(refresh=4), "refresh")])
+def test_measured_cost_rejects_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MeasuredCost(**kw)
+
+
+def test_measured_auto_is_bit_identical_to_the_planned_fixed_mode():
+    """The default auto plans allgather, then sharded, before compressing (no split payloads
+    for allgather), and each exchange equals the fixed mode it planned; every rank plans the
+    same (else the headers' piece counts would disagree and raise)."""
+    names = list(SHAPES)
+    auto = make_states(3, "auto", min_numel=0)
+    assert isinstance(auto[0].cost_model, MeasuredCost)
+    ref = make_states(3, "allgather", min_numel=0)
+    modes = []
+    for step in range(9):
+        choice = None
+        a = exchange_all(auto, grads(3, step), names)
+        (choice,) = auto[0].stats()["last_choice"].values()
+        modes.append(choice["mode"])
+        for s in ref:
+            s.exchange = choice["mode"]
+        f = exchange_all(ref, grads(3, step), names)
+        for r in range(3):
+            for x, y in zip(a[r], f[r]):
+                assert torch.equal(x, y)
+        assert "measured" in choice["reason"]
+    assert modes[:6] == ["allgather"] * 3 + ["sharded"] * 3
+    assert set(modes[6:]) <= {"allgather", "sharded"}
+    st = auto[0].stats()["exchanges"]
+    assert st["allgather"] + st["sharded"] == 9
+
+
+def test_measured_auto_with_dense_mode_keeps_residues():
+    """With "dense" among the modes, a dense exchange is a plain average that compresses
+    nothing and leaves every residue as it was."""
+    names = list(SHAPES)
+    states = make_states(2, "auto", min_numel=0, cost_model=None)
+    for s in states:
+        s.cost_model = MeasuredCost(modes=("dense", "allgather"), trials=1, refresh=10)
+    gs = grads(2, 0)
+    outs = exchange_all(states, gs, names)
+    (choice,) = states[0].stats()["last_choice"].values()
+    assert choice["mode"] == "dense"
+    for i, n in enumerate(names):
+        torch.testing.assert_close(outs[0][i], (gs[0][i] + gs[1][i]) / 2)
+        assert n not in states[0].compressor.state_dict()["residues"] or \
+            states[0].compressor.residue(n).abs().sum() == 0
+    exchange_all(states, grads(2, 1), names)
+    (choice,) = states[0].stats()["last_choice"].values()
+    assert choice["mode"] == "allgather"

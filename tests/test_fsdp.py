@@ -193,6 +193,16 @@ def test_block_nobody_ran_keeps_its_residue(misc):
         assert not _bits_equal(u[2]["residue"], u[1]["residue"])
 
 
+def test_start_iter_is_a_plain_reduce_scatter_first(misc):
+    """apply_(start_iter=2): two steps equal FSDP2 without AdaComp (up to the order of the
+    gloo sum) with every residue zero; the third compresses (residues appear)."""
+    for r in misc:
+        s = r["start_iter"]
+        assert [x["equal"] for x in s[:2]] == [True, True], s
+        assert [x["residue_abs"] for x in s[:2]] == [0.0, 0.0], s
+        assert s[2]["residue_abs"] > 0 and [x["iter"] for x in s] == [1, 2, 3], s
+
+
 def test_mismatch_raises_on_every_rank_and_hsdp_is_refused(tmp_path_factory):
     res = _run(tmp_path_factory, "errors", w.errors_worker, 2, timeout=180)
     for r in res:

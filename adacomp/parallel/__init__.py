@@ -17,6 +17,6 @@ The contracts every integration keeps are in docs/algorithm.md, section 5.
 """
 
 from .ddp import AdaCompState, adacomp_hook
-from .exchange import ConfigMismatchError, CostModel
+from .exchange import ConfigMismatchError, CostModel, MeasuredCost
 
-__all__ = ["AdaCompState", "adacomp_hook", "ConfigMismatchError", "CostModel"]
+__all__ = ["AdaCompState", "adacomp_hook", "ConfigMismatchError", "CostModel", "MeasuredCost"]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import CostModel, ExchangeState, StepLedger, check_exchange, check_headers, error_meta
+from .exchange import CostModel, ExchangeState, MeasuredCost, StepLedger, check_exchange, check_headers, error_meta
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,12 @@ class AdaCompState(ExchangeState):
         exchange: how payloads travel (see :mod:`adacomp.parallel.exchange`): ``"allgather"``,
             ``"sharded"`` (traffic per worker about two payloads whatever the world size;
             owner residues are a second level of error feedback) or ``"auto"`` (default:
-            per bucket and step, the cheapest under ``cost_model``).
-        cost_model: :class:`adacomp.parallel.exchange.CostModel` (link bandwidth and latency) for
-            ``exchange="auto"``.
+            per bucket and step, the fastest under ``cost_model``).
+        cost_model: for ``exchange="auto"``: :class:`adacomp.parallel.MeasuredCost` (default:
+            times each mode on this machine and links during the run and plans each bucket's
+            next exchange from the slowest rank's times) or
+            :class:`adacomp.parallel.CostModel` (analytic: bytes and rounds on a link of the
+            bandwidth and latency you give it).
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: residues follow its
             scale (docs/algorithm.md, loss scaling).
         overlap: run each bucket's whole exchange (compression, size exchange, payloads,
@@ -110,7 +113,7 @@ class AdaCompState(ExchangeState):
     def __init__(self, process_group=None, model: nn.Module | None = None, *, named_parameters=None,
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | None = None, log_every: int = 100, device=None, scaler=None,
+                 cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None, scaler=None,
                  overlap: bool = True):
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
@@ -120,7 +123,7 @@ class AdaCompState(ExchangeState):
         self.log_every = log_every
         self._init_exchange_state(AdaComp(bin_size=bin_size, scale=scale, values=values,
                                           min_numel=min_numel, device=device),
-                                  check_exchange(exchange), cost_model or CostModel(), scaler)
+                                  check_exchange(exchange), cost_model or MeasuredCost(), scaler)
         self.overlap = bool(overlap)
         self._worker_obj = None
         self._param_names = {}

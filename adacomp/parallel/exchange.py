@@ -14,7 +14,8 @@ and differs only in which collectives carry the bytes (a :class:`Transport`):
    outputs NaN and keeps its residue), *dense* (by rule, or because some rank's payload is
    not smaller than the dense bytes: residue kept, plain allreduce), or *compressed*
    (residue committed); and for the group the exchange of the compressed tensors
-   (``exchange="auto"`` picks it with the :class:`CostModel`):
+   (``exchange="auto"``: the mode :class:`MeasuredCost` planned from the times it measured
+   in earlier exchanges of the group, or the one :class:`CostModel` estimates fastest):
 
    * **allgather**: every rank all-gathers every rank's payloads (per-worker traffic grows
      as ``(W - 1)`` payloads);
@@ -41,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +51,16 @@ from ..compressor import AdaComp
 from ..payload import Payload, decompress_sum, shard_bounds
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 
-META_MAGIC = 0xADAC03
+META_MAGIC = 0xADAC04
 #: The fixed-size header of the meta vector: magic, config hash, number of tensors, pieces
 #: per tensor, status (0, or :data:`STATUS_LOCAL_ERROR` when this rank failed before the
-#: exchange). Transports where ranks may disagree on the number of tensors exchange it
-#: first (:func:`run_exchange`), so a mismatch is a clear error and not a failed collective.
-META_FIXED = 5
+#: exchange), then the measured cost model's fields (:data:`PLAN_FIELDS`: the group's call
+#: count and this rank's measured seconds per mode, in microseconds, -1 if not measured).
+#: Transports where ranks may disagree on the number of tensors exchange it first
+#: (:func:`run_exchange`), so a mismatch is a clear error and not a failed collective.
+PLAN_MODES = ("allgather", "sharded", "dense")
+PLAN_FIELDS = 1 + len(PLAN_MODES)
+META_FIXED = 5 + PLAN_FIELDS
 STATUS_OK, STATUS_LOCAL_ERROR = 0, 1
 #: Per-tensor flag bits of the meta vector.
 FLAG_NONFINITE, FLAG_ZERO = 1, 2
@@ -73,8 +79,10 @@ def check_exchange(exchange: str) -> str:
 
 @dataclass(frozen=True)
 class CostModel:
-    """The cost model of ``exchange="auto"``: seconds = bytes / ``bandwidth`` + rounds x
-    ``latency``, for the busiest worker's link, with ring collectives.
+    """An analytic cost model for ``exchange="auto"`` (the default is
+    :class:`MeasuredCost`): seconds = bytes / ``bandwidth`` + rounds x ``latency``, for the
+    busiest worker's link, with ring collectives. It has no term for computing (compression,
+    decoding): use it where the link is known and dominates.
 
     For ``W`` workers, the compressed tensors' dense bytes ``D`` and the payload sizes
     ``P[r, t, s]`` (rank ``r``, tensor ``t``, shard ``s``) every rank knows after the size
@@ -116,6 +124,106 @@ class CostModel:
             owners = int(by_shard.max(dim=0).values.max()) if W > 1 else 0
             out["sharded"] = (a2a + (W - 1) * owners, 3 * (W - 1))
         return {m: (self.seconds(b, r), int(b)) for m, (b, r) in out.items()}
+
+
+class MeasuredCost:
+    """The default cost model of ``exchange="auto"``: it times the exchange modes on this
+    machine, in this run, and plans each group's next exchange from what it measured.
+
+    Per exchange group (a DDP bucket, a Horovod or mpi4py call, keyed by its parameter
+    names) each rank times its whole exchange, from compressing to the decoded average
+    (compression, every collective round and the wait in it for slower ranks, decoding,
+    the owners' re-compression), and keeps the last ``window`` times per mode. The median
+    travels to the other ranks in the header of the next exchange (:data:`META_FIXED`), so
+    every rank sees the same figures and, taking the slowest rank's, plans the same mode for
+    the group's next exchange; the mode is known before compressing, so the allgather
+    exchange does not pay for splitting payloads into shards.
+
+    Schedule per group: the first ``trials`` exchanges with each mode of ``modes`` in turn
+    (exploring), then the mode with the least measured time; every ``refresh`` exchanges
+    each mode is tried once more, so a change (a slower link, bigger payloads as residues
+    fill up) is noticed.
+
+    ``modes``: ``("allgather", "sharded")`` (default: how compressed payloads travel), or
+    with ``"dense"`` too (then a group whose compression does not pay on this link is sent
+    as a plain allreduce, its residues kept for later). :class:`CostModel` is the analytic
+    alternative (bytes and rounds on a link you describe).
+
+    Raises ``ValueError`` on unknown modes or non-positive counts.
+    """
+
+    def __init__(self, modes=("allgather", "sharded"), trials: int = 2, window: int = 5,
+                 refresh: int = 200):
+        modes = tuple(modes)
+        if not modes or any(m not in PLAN_MODES for m in modes) or len(set(modes)) != len(modes):
+            raise ValueError(f"MeasuredCost modes must be distinct entries of {PLAN_MODES}, got {modes}")
+        for k, v in (("trials", trials), ("window", window), ("refresh", refresh)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MeasuredCost {k} must be an int >= 1, got {v!r}")
+        if refresh <= trials * len(modes):
+            raise ValueError(f"MeasuredCost refresh ({refresh}) must exceed the exploring "
+                             f"exchanges (trials x modes = {trials * len(modes)})")
+        self.modes, self.trials, self.window, self.refresh = modes, trials, window, refresh
+        self._groups: dict = {}
+
+    def __repr__(self):
+        return (f"MeasuredCost(modes={self.modes}, trials={self.trials}, window={self.window}, "
+                f"refresh={self.refresh})")
+
+    def __getstate__(self):  # measurements are of this run's machine and links: not saved
+        return {"modes": self.modes, "trials": self.trials, "window": self.window,
+                "refresh": self.refresh, "_groups": {}}
+
+    def _group(self, key):
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = {"count": 0, "plan": self.modes[0], "times": {}, "shared": {}}
+        return g
+
+    def plan(self, key) -> str:
+        """The mode of the group's next exchange (the same on every rank)."""
+        return self._group(key)["plan"]
+
+    def header_fields(self, key) -> list[int]:
+        """This rank's :data:`PLAN_FIELDS` header entries for the group: call count and the
+        median measured microseconds per mode of :data:`PLAN_MODES` (-1: none yet)."""
+        g = self._group(key)
+        out = [g["count"]]
+        for m in PLAN_MODES:
+            t = g["times"].get(m)
+            out.append(int(round(sorted(t)[(len(t) - 1) // 2] * 1e6)) if t else -1)  # lower median
+        return out
+
+    def observe(self, key, headers: torch.Tensor) -> dict:
+        """Plan the group's next exchange from every rank's header (``[W, META_FIXED]``):
+        the same on every rank. Returns the figures it used (seconds per mode, slowest
+        rank's median; None where some rank has no measurement)."""
+        g = self._group(key)
+        h = headers[:, 5:5 + PLAN_FIELDS].cpu()
+        count = int(h[0, 0])  # rank 0's count: the same schedule everywhere
+        shared = {}
+        for i, m in enumerate(PLAN_MODES):
+            col = h[:, 1 + i]
+            shared[m] = None if bool((col < 0).any()) else float(col.max()) * 1e-6
+        g["shared"] = shared
+        nxt = count + 1
+        explore = self.trials * len(self.modes)
+        if nxt < explore:
+            g["plan"] = self.modes[nxt // self.trials]
+        elif nxt % self.refresh < len(self.modes) and nxt >= self.refresh:
+            g["plan"] = self.modes[nxt % self.refresh]
+        else:
+            known = [m for m in self.modes if shared[m] is not None]
+            g["plan"] = min(known, key=lambda m: (shared[m], self.modes.index(m))) if known else self.modes[0]
+        return shared
+
+    def record(self, key, mode: str, seconds: float) -> None:
+        """This rank's time for the group's exchange just finished (``mode``: as planned)."""
+        g = self._group(key)
+        g["count"] += 1
+        t = g["times"].setdefault(mode, [])
+        t.append(seconds)
+        del t[:-self.window]
 
 
 class Transport:
@@ -164,10 +272,16 @@ def run_exchange(ex: GroupExchange, transport: Transport, stats: TrafficStats) -
     ex.finish(gathered, dense_sum)
 
 
+def header_fields(config: int, num_tensors: int, pieces: int, status: int = STATUS_OK,
+                  plan: list[int] | None = None) -> list[int]:
+    """The :data:`META_FIXED` header entries (``plan``: :meth:`MeasuredCost.header_fields`)."""
+    return [META_MAGIC, config, num_tensors, pieces, status] + (plan or [0] + [-1] * len(PLAN_MODES))
+
+
 def error_header(num_tensors: int, pieces: int = 1) -> torch.Tensor:
     """The header a rank sends when it failed before it could build its exchange, so that
     the other ranks raise too (:func:`check_headers`) instead of waiting for it."""
-    return torch.tensor([META_MAGIC, 0, num_tensors, pieces, STATUS_LOCAL_ERROR], dtype=torch.int64)
+    return torch.tensor(header_fields(0, num_tensors, pieces, STATUS_LOCAL_ERROR), dtype=torch.int64)
 
 
 def error_meta(num_tensors: int, world: int, pieces: int = 1, device=None) -> torch.Tensor:
@@ -497,7 +611,7 @@ class PlainExchangeState(ExchangeState):
 
     def __init__(self, compressor: AdaComp, exchange: str = "auto", cost_model: CostModel | None = None,
                  *, scaler=None, world: int | None = None, rank: int | None = None):
-        self._init_exchange_state(compressor, check_exchange(exchange), cost_model or CostModel(), scaler)
+        self._init_exchange_state(compressor, check_exchange(exchange), cost_model or MeasuredCost(), scaler)
         self.world, self.rank = world, rank
 
     def _identity(self) -> dict:
@@ -562,14 +676,17 @@ class GroupExchange:
 
     ``outputs`` (default: ``grads``) receive the averaged gradients in :meth:`finish`.
     ``exchange``: ``"allgather"``, ``"sharded"`` (needs ``owner``, the compressor of this
-    rank's owner residues) or ``"auto"`` (chooses per call with ``cost_model``).
+    rank's owner residues) or ``"auto"`` (chooses per call: with a :class:`MeasuredCost`
+    ``cost_model``, the mode it planned for the group ``plan_key`` from earlier exchanges,
+    before compressing; with a :class:`CostModel`, from this call's payload sizes).
     """
 
     def __init__(self, comp: AdaComp, names: list[str], grads: list[torch.Tensor], world: int,
                  outputs: list[torch.Tensor] | None = None, *, rank: int = 0,
                  exchange: str = "allgather", owner: AdaComp | None = None,
-                 cost_model: CostModel | None = None, ledger: StepLedger | None = None,
-                 owner_pending: dict | None = None):
+                 cost_model: CostModel | MeasuredCost | None = None, ledger: StepLedger | None = None,
+                 owner_pending: dict | None = None, plan_key=None):
+        self._t0 = time.perf_counter()
         if len(names) != len(grads):
             raise ValueError(f"one name per gradient: {len(names)} names for {len(grads)} gradients")
         if len(set(names)) != len(names):
@@ -591,7 +708,12 @@ class GroupExchange:
         # Without a ledger the exchange is its own step: residues are committed in decide().
         self.ledger = ledger
         self.owner_pending = owner_pending if owner_pending is not None else {}
-        self.split = exchange != "allgather"  # payloads split into one piece per shard
+        # A measured cost model plans the mode before compressing (the same on every rank).
+        self.planner = self.cost_model if exchange == "auto" and isinstance(self.cost_model, MeasuredCost) else None
+        self.plan_key = plan_key if plan_key is not None else tuple(self.names)
+        self.plan = self.planner.plan(self.plan_key) if self.planner is not None else None
+        # Payloads split into one piece per shard when the sharded exchange may be used.
+        self.split = exchange == "sharded" or (exchange == "auto" and self.plan in (None, "sharded"))
         self.pieces = world if self.split else 1
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
         self.payloads: list[list[Payload] | None] = []
@@ -599,7 +721,7 @@ class GroupExchange:
         flags, sizes = [], []
         try:
             for n, g, b in zip(self.names, self.grads, self.bins):
-                if b is None:
+                if b is None or self.plan == "dense":
                     self.payloads.append(None)
                     self.pending.append(None)
                     sizes += [-1] * world
@@ -619,7 +741,8 @@ class GroupExchange:
             raise
         self.hash = config_hash(comp, self.names, self.grads, self.bins, exchange)
         device = grads[0].device if grads else torch.device("cpu")
-        self._meta = torch.tensor([META_MAGIC, self.hash, len(self.grads), self.pieces, STATUS_OK]
+        plan = self.planner.header_fields(self.plan_key) if self.planner is not None else None
+        self._meta = torch.tensor(header_fields(self.hash, len(self.grads), self.pieces, STATUS_OK, plan)
                                   + sizes + flags, dtype=torch.int64, device=device)
         self.owner_pending_used: list[str] = []
         self.decisions: list[int] | None = None
@@ -664,6 +787,7 @@ class GroupExchange:
         sizes = m[:, META_FIXED:META_FIXED + W * T].reshape(W, T, W)[:, :, :S]
         flags = m[:, META_FIXED + W * T:META_FIXED + (W + 1) * T]
         self.sizes = sizes
+        self.measured = self.planner.observe(self.plan_key, m[:, :META_FIXED]) if self.planner is not None else None
         decisions = []
         for t in range(T):
             if bool(((flags[:, t] & FLAG_NONFINITE) != 0).any()):
@@ -672,6 +796,8 @@ class GroupExchange:
                 decisions.append(ZERO)  # nobody touched it: zero out, residue kept
             elif self.bins[t] is None:
                 decisions.append(DENSE_RULE)
+            elif self.plan == "dense":
+                decisions.append(DENSE_FALLBACK)
             elif int(sizes[:, t, :].sum(dim=1).max()) >= self.grads[t].numel() * self.grads[t].element_size():
                 decisions.append(DENSE_FALLBACK)
             else:
@@ -708,6 +834,14 @@ class GroupExchange:
         return decisions
 
     def _choose(self, comp_t: list[int]) -> tuple[str | None, dict]:
+        if self.plan is not None:
+            fig = ", ".join(f"{k} " + ("?" if self.measured[k] is None else f"{self.measured[k] * 1e3:.3f} ms")
+                            for k in self.planner.modes)
+            mode = self.plan if comp_t or self.plan == "dense" else None
+            return mode, {"mode": mode, "reason": f"auto, measured (slowest rank's median "
+                                                  f"exchange time): {fig}; next: "
+                                                  f"{self.planner.plan(self.plan_key)}",
+                          "measured": dict(self.measured)}
         if not comp_t:
             return None, {"mode": None, "reason": "nothing compressed"}
         if self.exchange != "auto":
@@ -879,6 +1013,8 @@ class GroupExchange:
                 self.outputs[t].fill_(float("nan"))
             elif d == ZERO:
                 self.outputs[t].zero_()
+        if self.planner is not None:
+            self.planner.record(self.plan_key, self.plan, time.perf_counter() - self._t0)
 
     def account(self, stats: TrafficStats, padded: bool = True) -> None:
         """Add this exchange's bytes to ``stats``: bytes handed to collectives by this rank

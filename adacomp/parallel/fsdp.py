@@ -60,9 +60,7 @@ from .exchange import (
     FLAG_NONFINITE,
     FLAG_ZERO,
     META_FIXED,
-    META_MAGIC,
     NONFINITE,
-    STATUS_OK,
     ZERO,
     ConfigMismatchError,
     ExchangeState,
@@ -71,6 +69,7 @@ from .exchange import (
     config_hash,
     dense_flags,
     error_meta,
+    header_fields,
     parse_range_key,
     range_key,
 )
@@ -233,7 +232,7 @@ class _ChunkExchange:
         # handing over different parameters (one froze a parameter) still all-gather vectors of
         # one length and raise ConfigMismatchError together (check_headers).
         pad = [0] * ((W + 1) * (slots - T))
-        self._meta = torch.tensor([META_MAGIC, self.hash, T, W, STATUS_OK] + sizes + flags + pad,
+        self._meta = torch.tensor(header_fields(self.hash, T, W) + sizes + flags + pad,
                                   dtype=torch.int64, device=self.device)
         self.decisions: list[int] = []
         self.piece_dec: list[list[int]] = []
@@ -439,10 +438,14 @@ class FSDPAdaCompState(ExchangeState):
     __slots__ = ("compressor", "owner", "exchange", "cost_model", "iter", "traffic", "ledger",
                  "scaler", "residue_scale", "owner_pending", "world", "rank", "process_group",
                  "comms", "params", "log_every", "_queued", "_task", "_overflow", "_step_group",
-                 "_step_device")
+                 "_step_device", "start_iter")
 
-    def __init__(self, compressor: AdaComp, process_group, *, scaler=None, log_every: int = 0):
+    def __init__(self, compressor: AdaComp, process_group, *, scaler=None, log_every: int = 0,
+                 start_iter: int = 0):
         self._init_exchange_state(compressor, EXCHANGE_NAME, None, scaler)
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
+        self.start_iter = start_iter
         self.process_group = process_group
         self.world = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
@@ -462,6 +465,24 @@ class FSDPAdaCompState(ExchangeState):
     def _reduce_scatter(self, comm: AdaCompReduceScatter, out, inp, group, op) -> None:
         W, me = group.size(), dist.get_rank(group)
         self._open_step(group, inp.device)
+        if self.iter < self.start_iter:  # dense warm-up: a plain reduce-scatter, residues untouched
+            try:
+                kind, factor = _reduce_factor(op)
+                if kind == "premul":  # as FSDP2's: scale the input first, then sum
+                    inp = inp * factor
+                # SUM, then divide: gloo has no AVG reduce-scatter
+                dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group)
+                if kind == "avg":
+                    out.div_(W)
+            except Exception:
+                self.abort_step()
+                raise
+            nbytes = inp.numel() * inp.element_size()
+            self.traffic.add("dense", inp.numel() * 4, nbytes)
+            self.traffic.add_received((W - 1) * nbytes // W)
+            if not self._queued:
+                self._close_step()
+            return
         included = [p for p in comm.params if p.fsdp_param is None
                     or p.fsdp_param.sharded_param.requires_grad]
         try:
@@ -622,14 +643,16 @@ def _fsdp_modules(model: nn.Module):
 
 def apply_(model: nn.Module, *, bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
            min_numel: int = DEFAULT_MIN_NUMEL, device=None, scaler=None,
-           log_every: int = 0) -> FSDPAdaCompState:
+           log_every: int = 0, start_iter: int = 0) -> FSDPAdaCompState:
     """Install AdaComp's compressing reduce-scatter on every FSDP module of ``model`` (call it
     after ``fully_shard``, on every rank, with the same settings); returns the model's
     :class:`FSDPAdaCompState` (residues, ``stats()``, ``state_dict()``).
 
     ``bin_size``, ``scale``, ``values``, ``min_numel``, ``device``: as :class:`adacomp.AdaComp`
     (bin sizes by each parameter's original shape and fully qualified name). ``scaler``: the
-    ``torch.amp.GradScaler`` whose scale the residues follow. It also turns on
+    ``torch.amp.GradScaler`` whose scale the residues follow. ``start_iter``: steps before
+    it use FSDP2's dense reduce-scatter (residues untouched; e.g. the dense warm-up of
+    :class:`adacomp.optim.FrozenVarianceAdamW`). It also turns on
     ``set_reduce_scatter_unused_params(True)`` (a parameter without a gradient takes part as
     zeros, so every rank hands over the same parameters). Raises ``ValueError`` for HSDP (a
     2-D device mesh), ``Shard(dim > 0)`` placements, several parameter groups per module, or a
@@ -677,7 +700,7 @@ def apply_(model: nn.Module, *, bin_size=None, scale: str = "binmax_mean", value
         plan.append((fqn, m, params))
     if group is None:
         raise ValueError("adacomp.parallel.fsdp.apply_: no FSDP module manages a parameter")
-    state = FSDPAdaCompState(comp, group, scaler=scaler, log_every=log_every)
+    state = FSDPAdaCompState(comp, group, scaler=scaler, log_every=log_every, start_iter=start_iter)
     W = state.world
     for fqn, m, params in plan:
         entries = []

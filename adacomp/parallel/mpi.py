@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import CostModel, ExchangeState, Transport, check_exchange
+from .exchange import CostModel, ExchangeState, MeasuredCost, Transport, check_exchange
 
 
 def _mpi():
@@ -62,13 +62,13 @@ class Communicator(ExchangeState):
 
     def __init__(self, comm=None, *, bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | None = None, device=None, scaler=None):
+                 cost_model: CostModel | MeasuredCost | None = None, device=None, scaler=None):
         MPI = _mpi()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.start_iter = start_iter
         self._init_exchange_state(AdaComp(bin_size=bin_size, scale=scale, values=values,
                                           min_numel=min_numel, device=device),
-                                  check_exchange(exchange), cost_model or CostModel(), scaler)
+                                  check_exchange(exchange), cost_model or MeasuredCost(), scaler)
 
     def _identity(self) -> dict:
         return {"world": self.world, "rank": self.rank}

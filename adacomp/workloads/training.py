@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..optim import FrozenVarianceAdamW
 from ..parallel.ddp import AdaCompState, adacomp_hook
-from ..parallel.exchange import CostModel
+from ..parallel.exchange import CostModel, MeasuredCost
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 from . import data as datasets
 from .models import GPT_PRESETS, CharGPT, build_model
@@ -60,6 +60,9 @@ IMAGE_MODELS = ("cnn",)
 TEXT_MODELS = ("lstm", "gpt")
 #: per optimizer: its default learning rate (--lr)
 DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
+#: AdaComp with AdamW: dense warm-up steps that estimate AdamW's second moment, which is then
+#: frozen (adacomp.optim.FrozenVarianceAdamW; docs/results.md, "GPT with AdamW in bf16")
+ADAMW_FREEZE_STEP = 30
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,8 +93,11 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="sgd")
     p.add_argument("--weight-decay", type=float, default=0.1, help="adamw (matrices only)")
     p.add_argument("--freeze-step", type=int, default=None,
-                   help="adamw: freeze the second moment after this many steps "
-                        "(adacomp.optim.FrozenVarianceAdamW; default: plain AdamW)")
+                   help="adamw: freeze the second moment after this many steps in every run "
+                        "(adacomp.optim.FrozenVarianceAdamW; 0: plain AdamW everywhere). Default: "
+                        f"the transformer recipe for adacomp runs ({ADAMW_FREEZE_STEP} dense AdamW "
+                        "steps, then the second moment frozen and compression on: --start-iter is "
+                        "raised to it), plain AdamW for the others")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
                    help="learning rate: constant, or cosine decay to 10%% after a linear warm-up "
                         "(--warmup-steps); default: cosine for gpt, constant otherwise")
@@ -118,10 +124,13 @@ def parse_args(argv=None):
     p.add_argument("--start-iter", type=int, default=0, help="adacomp/powersgd: dense steps first")
     p.add_argument("--exchange", default="auto", choices=["allgather", "sharded", "auto"],
                    help="adacomp: how payloads travel (auto: per bucket and step, by the cost model)")
+    p.add_argument("--cost-model", default="measured", choices=["measured", "link"],
+                   help="adacomp auto: measured (times each mode during the run: MeasuredCost) or "
+                        "link (bytes and rounds on --link-mbps / --link-latency-ms: CostModel)")
     p.add_argument("--link-mbps", type=float, default=1000.0,
-                   help="adacomp auto: link bandwidth of the cost model, Mbit/s")
+                   help="adacomp auto with --cost-model link: link bandwidth, Mbit/s")
     p.add_argument("--link-latency-ms", type=float, default=0.1,
-                   help="adacomp auto: latency per collective round of the cost model, ms")
+                   help="adacomp auto with --cost-model link: latency per collective round, ms")
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--bucket-cap-mb", type=float, default=25)
     p.add_argument("--log-every", type=int, default=10, help="steps between loss records")
@@ -279,8 +288,11 @@ def _counting_hook(hook, serial: bool = False):
 
 def exchange_settings(args) -> dict:
     """The AdaComp exchange mode and cost model from the command line."""
-    return {"exchange": args.exchange,
-            "cost_model": CostModel(bandwidth=args.link_mbps * 1e6 / 8, latency=args.link_latency_ms / 1e3)}
+    if getattr(args, "cost_model", "measured") == "link":
+        cost = CostModel(bandwidth=args.link_mbps * 1e6 / 8, latency=args.link_latency_ms / 1e3)
+    else:
+        cost = MeasuredCost()
+    return {"exchange": args.exchange, "cost_model": cost}
 
 
 def attach_compressor(ddp: DDP, model, name: str, args, world: int):
@@ -508,7 +520,7 @@ class FSDPBackend(DDPBackend):
             from ..parallel import fsdp as adacomp_fsdp
 
             state = adacomp_fsdp.apply_(model, bin_size=args.bin_size, min_numel=args.min_numel,
-                                        values=args.values, scale=args.scale)
+                                        values=args.values, scale=args.scale, start_iter=args.start_iter)
 
             def step():
                 clip()
@@ -642,7 +654,26 @@ def evaluate(model, d, args, rank, world, backend) -> dict:
     return out
 
 
+def run_settings(args, name: str) -> argparse.Namespace:
+    """The settings of ``name``'s run: ``args``, with AdaComp's AdamW recipe resolved
+    (``--freeze-step`` unset: an ``adacomp`` run with AdamW freezes the second moment after
+    :data:`ADAMW_FREEZE_STEP` dense steps and compresses from then on; other runs use plain
+    AdamW; 0 means plain AdamW everywhere)."""
+    run = argparse.Namespace(**vars(args))
+    if args.optimizer != "adamw":
+        run.freeze_step = None
+        return run
+    if args.freeze_step is None:
+        run.freeze_step = ADAMW_FREEZE_STEP if name == "adacomp" else None
+    elif args.freeze_step == 0:
+        run.freeze_step = None
+    if run.freeze_step and name == "adacomp":
+        run.start_iter = max(args.start_iter, run.freeze_step)  # v is estimated from exact gradients
+    return run
+
+
 def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
+    args = run_settings(args, name)
     model = make_model(args, d)
     opt = make_optimizer(args, model)
 
@@ -704,7 +735,7 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     traffic = hook_state.traffic.as_dict()
     modes = name == "adacomp" and getattr(backend, "name", "") != "fsdp"  # FSDP: one all-to-all
     return {"compressor": name, "exchange": args.exchange if modes else None, "steps": step,
-            "wall_s": wall, "step_times": step_times, "metrics": metrics,
+            "freeze_step": args.freeze_step, "start_iter": args.start_iter, "wall_s": wall, "step_times": step_times, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 
 
@@ -734,6 +765,10 @@ def summary_table(results: list[dict], world: int) -> str:
     lines.append(f"({world} workers; MB/worker: bytes handed to collectives; MB recv: bytes received "
                  f"from the others (allreduce as a ring); ratio = dense fp32 bytes / bytes handed to "
                  f"collectives, headers and padding included)")
+    frozen = [f"{r['compressor']}: frozen after {r['freeze_step']}, compressed from step {r['start_iter']}"
+              for r in results if r.get("freeze_step")]
+    if frozen:
+        lines.append(f"(AdamW's second moment frozen, FrozenVarianceAdamW: {'; '.join(frozen)})")
     return "\n".join(lines)
 
 
