@@ -576,3 +576,42 @@ if __name__ == "__main__":  # python -m tests._fsdp_workers [--wide] [world ...]
     args = [a for a in sys.argv[1:] if a != "--wide"]
     for ws in args or ["2", "3"]:
         print(_report_wide(int(ws)) if "--wide" in sys.argv else _report(int(ws)))
+
+
+def scaler_worker(rank, world, steps=6):
+    """The same schedule (an Inf on rank 1 at ``BAD_STEP``) twice: with ``torch.amp.GradScaler``
+    (``apply_(scaler=...)``, growth every 2 steps, back-off at the Inf) and without a scaler,
+    skipping the step whose gradients are not finite. Returns both runs' shards and residues
+    and the scales seen."""
+    torch.set_num_threads(1)
+    out = {}
+    for label in ("scaled", "plain"):
+        scaler = None
+        if label == "scaled":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        model, state = build(cfg=dict(CFG, scaler=scaler))
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        scales, skipped = [], []
+        for step in range(steps):
+            opt.zero_grad()
+            model.poison = poisoned(rank, step)
+            x, y = batch(rank, step)
+            loss = F.cross_entropy(model(x), y)
+            model.poison = False
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                before = float(scaler.get_scale())
+                scaler.step(opt)
+                scaler.update()
+                scales.append(float(scaler.get_scale()))
+                skipped.append(scales[-1] < before)
+            else:
+                loss.backward()
+                finite = all(bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters())
+                skipped.append(not finite)
+                if finite:
+                    opt.step()
+        out[label] = {"shards": {n: p.to_local().detach().clone() for n, p in model.named_parameters()},
+                      "residues": {n: state.residue(n).clone() for n in state.names()},
+                      "scales": scales, "skipped": skipped}
+    return out

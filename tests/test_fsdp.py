@@ -203,6 +203,23 @@ def test_start_iter_is_a_plain_reduce_scatter_first(misc):
         assert s[2]["residue_abs"] > 0 and [x["iter"] for x in s] == [1, 2, 3], s
 
 
+def test_grad_scaler_run_equals_the_unscaled_run_that_skips(tmp_path_factory):
+    """apply_(scaler=GradScaler): the residues follow the scale (growth every 2 steps, back-off
+    at rank 1's Inf), so the scaled run's shards equal, bit for bit, those of the unscaled run
+    that skips the same step, and its residues are the unscaled ones times the scale."""
+    res = _run(tmp_path_factory, "scaler", w.scaler_worker, 2)
+    for r in res:
+        a, b = r["scaled"], r["plain"]
+        assert a["scales"] == [1024.0, 2048.0, 1024.0, 1024.0, 2048.0, 2048.0], a["scales"]
+        assert a["skipped"] == b["skipped"] == [False, False, True, False, False, False]
+        for n in a["shards"]:
+            assert _bits_equal(a["shards"][n], b["shards"][n]), n
+        scale = a["scales"][-1]
+        assert any(bool(v.any()) for v in b["residues"].values())
+        for n in a["residues"]:
+            assert torch.equal(a["residues"][n], b["residues"][n] * scale), n
+
+
 def test_mismatch_raises_on_every_rank_and_hsdp_is_refused(tmp_path_factory):
     res = _run(tmp_path_factory, "errors", w.errors_worker, 2, timeout=180)
     for r in res:
