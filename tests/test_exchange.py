@@ -301,10 +301,17 @@ def test_measured_cost_explores_then_takes_the_slowest_ranks_fastest_mode():
         mc.record("h", "sharded", t)
     assert mc.header_fields("h") == [4, -1, 2000, -1]
     assert pickle.loads(pickle.dumps(mc))._groups == {}  # measurements are not saved
+    # The margin: sharded must be 10 % faster than allgather (the first mode) to be taken.
+    for us, expect in (({"allgather": 1000, "sharded": 950}, "allgather"),
+                       ({"allgather": 1000, "sharded": 850}, "sharded")):
+        mc = MeasuredCost(trials=1, refresh=20)
+        mc.observe("g", _headers(1, 5, [us]))
+        assert mc.plan("g") == expect, us
 
 
 @pytest.mark.parametrize("kw, match", [(dict(modes=("ring",)), "modes"), (dict(modes=()), "modes"),
-                                       (dict(trials=0), "trials"), (dict(refresh=4), "refresh")])
+                                       (dict(trials=0), "trials"), (dict(refresh=4), "refresh"),
+                                       (dict(margin=1.0), "margin")])
 def test_measured_cost_rejects_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         MeasuredCost(**kw)

@@ -140,9 +140,11 @@ class MeasuredCost:
     exchange does not pay for splitting payloads into shards.
 
     Schedule per group: the first ``trials`` exchanges with each mode of ``modes`` in turn
-    (exploring), then the mode with the least measured time; every ``refresh`` exchanges
+    (exploring), then the first mode of ``modes`` unless another one measured at least
+    ``margin`` (a fraction) faster, in which case the fastest; every ``refresh`` exchanges
     each mode is tried once more, so a change (a slower link, bigger payloads as residues
-    fill up) is noticed.
+    fill up) is noticed. The margin keeps measurement noise (an exchange's time includes
+    waiting for the slowest rank) from flipping between modes that cost about the same.
 
     ``modes``: ``("allgather", "sharded")`` (default: how compressed payloads travel), or
     with ``"dense"`` too (then a group whose compression does not pay on this link is sent
@@ -153,8 +155,10 @@ class MeasuredCost:
     """
 
     def __init__(self, modes=("allgather", "sharded"), trials: int = 2, window: int = 5,
-                 refresh: int = 200):
+                 refresh: int = 200, margin: float = 0.1):
         modes = tuple(modes)
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"MeasuredCost margin must be in [0, 1), got {margin!r}")
         if not modes or any(m not in PLAN_MODES for m in modes) or len(set(modes)) != len(modes):
             raise ValueError(f"MeasuredCost modes must be distinct entries of {PLAN_MODES}, got {modes}")
         for k, v in (("trials", trials), ("window", window), ("refresh", refresh)):
@@ -164,15 +168,16 @@ class MeasuredCost:
             raise ValueError(f"MeasuredCost refresh ({refresh}) must exceed the exploring "
                              f"exchanges (trials x modes = {trials * len(modes)})")
         self.modes, self.trials, self.window, self.refresh = modes, trials, window, refresh
+        self.margin = float(margin)
         self._groups: dict = {}
 
     def __repr__(self):
         return (f"MeasuredCost(modes={self.modes}, trials={self.trials}, window={self.window}, "
-                f"refresh={self.refresh})")
+                f"refresh={self.refresh}, margin={self.margin})")
 
     def __getstate__(self):  # measurements are of this run's machine and links: not saved
         return {"modes": self.modes, "trials": self.trials, "window": self.window,
-                "refresh": self.refresh, "_groups": {}}
+                "refresh": self.refresh, "margin": self.margin, "_groups": {}}
 
     def _group(self, key):
         g = self._groups.get(key)
@@ -214,7 +219,11 @@ class MeasuredCost:
             g["plan"] = self.modes[nxt % self.refresh]
         else:
             known = [m for m in self.modes if shared[m] is not None]
-            g["plan"] = min(known, key=lambda m: (shared[m], self.modes.index(m))) if known else self.modes[0]
+            plan = known[0] if known else self.modes[0]
+            for m in known[1:]:
+                if shared[m] < shared[plan] * (1.0 - self.margin):
+                    plan = m
+            g["plan"] = plan
         return shared
 
     def record(self, key, mode: str, seconds: float) -> None:
