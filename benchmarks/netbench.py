@@ -17,16 +17,35 @@ SIGHUP. ``--cleanup`` removes what a killed run (SIGKILL) left behind::
     sudo python benchmarks/netbench.py --scaling             # bytes per worker vs W = 2, 4, 6, 8
     sudo python benchmarks/netbench.py --hold 600 --workers 2   # keep a testbed up to experiment
     sudo python benchmarks/netbench.py --cleanup             # remove leftovers of killed runs
+    sudo python benchmarks/netbench.py --models gpt --log-every 5 \
+        --variants none bf16 powersgd adacomp:allgather adacomp:sharded adacomp:auto
+    sudo python benchmarks/netbench.py --models gpt --variants fsdp:none fsdp:adacomp
 
-A variant is a compressor of ``launch/train.py`` (``none`` = dense fp32 allreduce, ``fp16``,
-``powersgd``, ``adacomp``), AdaComp optionally with its exchange: ``adacomp:allgather``,
-``adacomp:sharded``, ``adacomp:auto``. Each variant is a fresh torchrun launch (a fresh
-process group), so no variant inherits another's connections or warm caches.
+A variant is a compressor of ``launch/train.py`` under DDP (``none`` = dense fp32 allreduce,
+``fp16``, ``bf16``: PyTorch's 16-bit compression hooks, ``powersgd``, ``adacomp``), AdaComp
+optionally with its exchange: ``adacomp:allgather``, ``adacomp:sharded``, ``adacomp:auto``;
+or, with the prefix ``fsdp:``, a compressor of the FSDP2 backend (``--backend fsdp``):
+``fsdp:none`` (FSDP2's own dense reduce-scatter) and ``fsdp:adacomp`` (AdaComp's
+compressing reduce-scatter: one all-to-all, so no exchange to choose). A variant's speed-up
+is taken against the dense variant of its backend (``none``, resp. ``fsdp:none``). Each
+variant is a fresh torchrun launch (a fresh process group), so no variant inherits
+another's connections or warm caches.
+
+Models (``--models``): ``cnn`` (Fashion-MNIST), ``lstm`` (Shakespeare) and ``gpt`` (a
+character GPT on Shakespeare, AdamW, ``--autocast bf16``; by default 4 layers, width 192,
+6 heads, 16 sequences of 64 characters per worker: 1.84M parameters; 90 steps). Each model's
+arguments are in :data:`MODELS`; ``--batch-size``, ``--max-steps`` and arguments after
+``--`` (passed to ``launch/train.py`` last, so they win, e.g. ``-- --gpt-layers 6``) change
+them.
 
 Time per step and bytes per step are measured in the steady state: the script follows rank
 0's progress lines and snapshots the clock and every link's counters at each of them; the
 figures span the first to the last snapshot, which leaves out start-up, the first (DDP
-warm-up) steps and the final evaluation.
+warm-up) steps and the final evaluation. A run that starts with dense steps (train.py's
+``start_iter``: AdaComp's recipe with AdamW trains ``--freeze-step`` steps dense before it
+compresses) is measured from its first snapshot at or after that step (``--steady-from``),
+so that its figures are those of the compressed steps; give it ``--max-steps`` enough to
+leave several ``--log-every`` intervals after the warm-up.
 """
 
 from __future__ import annotations
@@ -56,8 +75,10 @@ OWN_NAME = re.compile(r"^(nb\d+)-(sw|\d+)$")  # namespaces: nb<pid>-<rank>, nb<p
 SUBNET_BASE = "10.213.0.0/16"  # the /24s are taken from here
 PROGRESS = re.compile(r"^\s*(\S+) \[#* *\] (\d+)/(\d+), loss")  # adacomp.workloads.training.BAR_FORMAT
 
-COMPRESSORS = ("none", "fp16", "powersgd", "adacomp")
+COMPRESSORS = ("none", "fp16", "bf16", "powersgd", "adacomp")
 EXCHANGES = ("allgather", "sharded", "auto")
+FSDP_PREFIX = "fsdp"  # "fsdp:<compressor>": launch/train.py --backend fsdp
+FSDP_COMPRESSORS = ("none", "adacomp")  # what train.py's FSDP2 backend offers
 DEFAULT_VARIANTS = ["none", "fp16", "powersgd", "adacomp:allgather", "adacomp:sharded", "adacomp:auto"]
 
 # Per model: the data and hyper-parameters of launch/train.py (as benchmarks/convergence.py).
@@ -69,6 +90,13 @@ MODELS = {
     "lstm": {"args": ["--model", "lstm", "--data", "shakespeare", "--max-chars", "1000000", "--epochs", "1",
                       "--seq-len", "32", "--hidden", "256", "--lr", "1.0", "--momentum", "0.0"],
              "batch_size": 4, "max_steps": 300, "metric": "val_loss"},
+    # 1.84M parameters (4 blocks, width 192, 6 heads; vocabulary from the corpus); AdamW with
+    # train.py's cosine schedule over --max-steps; forward and loss under bf16 autocast. 90 steps:
+    # AdaComp's AdamW recipe trains 30 of them dense (--freeze-step), measured are the other 60
+    "gpt": {"args": ["--model", "gpt", "--data", "shakespeare", "--max-chars", "1000000", "--epochs", "1",
+                     "--seq-len", "64", "--gpt-layers", "4", "--gpt-embd", "192", "--gpt-heads", "6",
+                     "--autocast", "bf16"],
+            "batch_size": 16, "max_steps": 90, "metric": "val_loss"},
 }
 
 
@@ -413,9 +441,25 @@ def install_signal_handlers() -> None:
 
 # ------------------------------------------------------------------------------ variants
 
+def dense_variant(label: str) -> str:
+    """The dense reference of a variant: ``none`` under DDP, ``fsdp:none`` under FSDP2."""
+    return f"{FSDP_PREFIX}:none" if is_fsdp(label) else "none"
+
+
+def is_fsdp(label: str) -> bool:
+    return label.partition(":")[0] == FSDP_PREFIX
+
+
 def parse_variant(text: str, powersgd_rank: int = 4) -> tuple[str, list[str]]:
-    """``"adacomp:sharded"`` -> (label, arguments of launch/train.py)."""
+    """``"adacomp:sharded"`` -> (label, arguments of launch/train.py); ``"fsdp:adacomp"`` ->
+    the FSDP2 backend with that compressor."""
     name, _, exchange = text.partition(":")
+    if name == FSDP_PREFIX:
+        if exchange not in FSDP_COMPRESSORS:
+            raise ValueError(f"variant {text!r}: the FSDP2 backend takes fsdp:<compressor>, the compressor "
+                             f"one of {', '.join(FSDP_COMPRESSORS)} (AdaComp under FSDP2 is one "
+                             f"all-to-all: no exchange to choose)")
+        return text, ["--backend", "fsdp", "--compressor", exchange]
     if name not in COMPRESSORS:
         raise ValueError(f"variant {text!r}: the compressor must be one of {', '.join(COMPRESSORS)}")
     args = ["--compressor", name]
@@ -438,17 +482,21 @@ def _train_help() -> str:
 
 def check_variants(variants: list[str], powersgd_rank: int, rate_bps: int | None = None,
                    delay_ms: float = 0.0) -> list[tuple[str, list[str]]]:
-    """Parsed variants; AdaComp's ``auto`` exchange is told the emulated link (its cost model)."""
+    """Parsed variants; AdaComp's DDP exchange is told the emulated link (``--link-mbps``, the
+    cost model of ``auto`` under ``--cost-model link``; train.py's default cost model measures)."""
     parsed = [parse_variant(v, powersgd_rank) for v in variants]
     if any("--exchange" in a for _, a in parsed) and "--exchange" not in _train_help():
         raise ValueError("launch/train.py has no --exchange option in this checkout: use the variant "
                          "'adacomp' (its one exchange) instead of adacomp:<exchange>")
+    if any(is_fsdp(label) for label, _ in parsed) and "fsdp" not in _train_help():
+        raise ValueError("launch/train.py has no FSDP2 backend (--backend fsdp) in this checkout")
     link = []
     if rate_bps is not None and "--link-mbps" in _train_help():
         link += ["--link-mbps", f"{rate_bps / 1e6:g}"]
     if delay_ms and "--link-latency-ms" in _train_help():
         link += ["--link-latency-ms", f"{delay_ms:g}"]
-    return [(label, a + link if "adacomp" in a else a) for label, a in parsed]
+    # the link goes to the cost model of AdaComp's DDP exchange only (FSDP2: one all-to-all)
+    return [(label, a + link if "adacomp" in a and not is_fsdp(label) else a) for label, a in parsed]
 
 
 # ------------------------------------------------------------------------------ one launch
@@ -498,9 +546,11 @@ class _Follower(threading.Thread):
 
 
 def launch(bed: Testbed, train_args: list[str], workdir: str, port: int, timeout: float,
-           label: str = "run", echo: bool = True) -> dict:
+           label: str = "run", echo: bool = True, steady_from: int | None = None) -> dict:
     """Runs launch/train.py on every rank of ``bed`` (one torchrun node per namespace) and
-    returns its JSON result plus the link measurements (``net``)."""
+    returns its JSON result plus the link measurements (``net``), taken over the progress
+    snapshots from step ``steady_from`` on (``None``: the run's dense warm-up, ``start_iter``
+    in train.py's result, where it reports one)."""
     w = bed.workers
     json_path = os.path.join(workdir, f"{label.replace(':', '_')}.json")
     logs = [open(os.path.join(workdir, f"{label.replace(':', '_')}.rank{i}.log"), "w") for i in range(w)]
@@ -555,15 +605,19 @@ def launch(bed: Testbed, train_args: list[str], workdir: str, port: int, timeout
     after = bed.counters()
     with open(json_path) as f:
         res = json.load(f)
-    res["net"] = link_figures(before, after, follower.snapshots, res["runs"][0]["steps"], elapsed)
+    run = res["runs"][0]
+    start = steady_from if steady_from is not None else int(run.get("start_iter") or 0)
+    res["net"] = link_figures(before, after, follower.snapshots, run["steps"], elapsed, from_step=start)
     return res
 
 
 def link_figures(before: list[dict], after: list[dict], snaps: list[dict], steps: int,
-                 elapsed: float) -> dict:
+                 elapsed: float, from_step: int = 0) -> dict:
     """Per-worker bytes from the interface counters: over the whole launch, and per step in the
-    steady state between the first and the last progress snapshot."""
+    steady state between the first progress snapshot at or after step ``from_step`` and the
+    last one."""
     w = len(before)
+    snaps = [s for s in snaps if s["step"] >= from_step]
     out = {"launch_s": elapsed,
            "total_rx_bytes": [after[i]["rx_bytes"] - before[i]["rx_bytes"] for i in range(w)],
            "total_tx_bytes": [after[i]["tx_bytes"] - before[i]["tx_bytes"] for i in range(w)]}
@@ -572,7 +626,7 @@ def link_figures(before: list[dict], after: list[dict], snaps: list[dict], steps
         n = b["step"] - a["step"]
         per_step = sorted((y["t"] - x["t"]) / (y["step"] - x["step"])
                           for x, y in zip(snaps, snaps[1:]) if y["step"] > x["step"])
-        out.update(steady_from_step=a["step"], steady_to_step=b["step"], steady_steps=n,
+        out.update(steady_from_step=a["step"], steady_to_step=b["step"], steady_steps=n, from_step=from_step,
                    time_per_step_s=(b["t"] - a["t"]) / n,
                    median_time_per_step_s=statistics.median(per_step), intervals=len(per_step),
                    rx_bytes_per_step=[(b["counters"][i]["rx_bytes"] - a["counters"][i]["rx_bytes"]) / n
@@ -584,6 +638,7 @@ def link_figures(before: list[dict], after: list[dict], snaps: list[dict], steps
         out.update(steady_steps=steps, time_per_step_s=None, median_time_per_step_s=None,
                    rx_bytes_per_step=[x / max(steps, 1) for x in out["total_rx_bytes"]],
                    tx_bytes_per_step=[x / max(steps, 1) for x in out["total_tx_bytes"]],
+                   from_step=from_step,
                    time_per_step_source="whole launch (start-up and evaluation included)")
     return out
 
@@ -598,6 +653,11 @@ def summarize(model: str, label: str, res: dict) -> dict:
         mean = run["wall_s"] / max(run["steps"], 1)
     median = net["median_time_per_step_s"] or mean
     rx = net["rx_bytes_per_step"]
+    traffic = run["traffic"]
+    counted = max(traffic.get("steps", run["steps"]), 1)
+    curve = {int(k): v for k, v in run.get("wire_curve", [])}  # step -> bytes handed over so far
+    a, b = net.get("steady_from_step"), net.get("steady_to_step")
+    steady_wire = (curve[b] - curve[a]) / (b - a) if a in curve and b in curve and b > a else None
     return {"model": model, "variant": label, "workers": w, "steps": run["steps"], "wall_s": run["wall_s"],
             "time_per_step_s": median, "mean_time_per_step_s": mean,
             "time_per_step_source": net["time_per_step_source"],
@@ -608,6 +668,13 @@ def summarize(model: str, label: str, res: dict) -> dict:
             "total_rx_bytes_per_worker": sum(net["total_rx_bytes"]) / w,
             "script_wire_bytes_per_worker": run["traffic"]["total"]["all"]["wire_bytes"],
             "script_ratio": run["traffic"]["total"]["all"]["ratio"],
+            # per step and worker: fp32 bytes of the gradients the compressor saw, bytes it
+            # handed to collectives, and what train.py counts as received
+            "script_dense_bytes_per_step": traffic["total"]["all"]["dense_bytes"] / counted,
+            "script_wire_bytes_per_step": traffic["total"]["all"]["wire_bytes"] / counted,
+            "script_received_bytes_per_step": traffic.get("received_bytes", {}).get("total", 0) / counted,
+            # the same over the steady window (a dense warm-up left out), from train.py's wire curve
+            "script_wire_bytes_per_step_steady": steady_wire,
             "metrics": run["metrics"], "net": net}
 
 
@@ -632,7 +699,7 @@ def compare(args) -> dict:
             for label, vargs in variants:
                 print(f"  {model} / {label}: {steps} steps", flush=True)
                 res = launch(bed, base + vargs + args.train_args, work, port, args.timeout,
-                             label=f"{model}-{label}", echo=not args.quiet)
+                             label=f"{model}-{label}", echo=not args.quiet, steady_from=args.steady_from)
                 port += 1
                 row = summarize(model, label, res)
                 rows.append(row)
@@ -647,7 +714,8 @@ def compare(args) -> dict:
                     print(f"  {model} / {label}: {args.unlimited_reference} steps, links unlimited",
                           flush=True)
                     res = launch(bed, ref + vargs + args.train_args, work, port, args.timeout,
-                                 label=f"{model}-{label}-unlimited", echo=not args.quiet)
+                                 label=f"{model}-{label}-unlimited", echo=not args.quiet,
+                                 steady_from=args.steady_from)
                     port += 1
                     row["unlimited"] = summarize(model, label, res)
                     print(f"    {row['unlimited']['time_per_step_s'] * 1e3:.1f} ms/step", flush=True)
@@ -666,9 +734,12 @@ def _metric_text(m: dict) -> str:
 
 def check_targets(rows: list[dict], rate: int | None, workers: int) -> dict:
     """Issue 5's targets: AdaComp >= 5x faster per step than dense and faster than PowerSGD
-    rank 4, at no worse accuracy (<= 0.5 points below dense) or loss (<= 2% above dense)."""
+    rank 4, at no worse accuracy (<= 0.5 points below dense) or loss (<= 2% above dense).
+    Also issue 17's (:func:`fsdp_targets`) and issue 18's (:func:`auto_targets`)."""
     out = {"applies": rate == 100_000_000 and workers == 4,
            "note": "the targets are stated for 100 Mbit/s and 4 workers"}
+    out["issue17_fsdp"] = fsdp_targets(rows, rate, workers)
+    out["issue18_gpt"] = auto_targets(rows, rate, workers)
     for model in sorted({r["model"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["model"] == model}
         dense, psgd = by.get("none"), by.get("powersgd")
@@ -698,13 +769,99 @@ def check_targets(rows: list[dict], rate: int | None, workers: int) -> dict:
     return out
 
 
+def fsdp_cap(dense: dict, workers: int, ada: dict | None = None) -> dict:
+    """The link-bound cap on the speed-up of compressing FSDP2's reduce-scatter only.
+
+    Per step FSDP2 all-gathers the parameters (in forward; again in backward where they are
+    resharded after forward) and reduce-scatters the gradients. If only the reduce-scatter is
+    compressed (to nothing, at best), the all-gathers are left: cap = bytes of all collectives
+    dense / bytes of the all-gathers, both as received per worker and step on the link.
+
+    ``cap`` takes the all-gathers' bytes as measured: what the ``fsdp:adacomp`` run (``ada``)
+    received per step in its steady window, less (W-1)/W of the compressed payloads train.py
+    handed to its all-to-all over that window (its all-gathers are the dense run's; headers
+    stay charged to the all-gathers, so the cap errs low). ``cap_nominal`` assumes, as a ring
+    does, that every collective makes a worker receive (W-1)/W x the fp32 model bytes:
+    all-gathers = the dense run's bytes less one such unit for the reduce-scatter. gloo's
+    ``reduce_scatter_single`` makes a worker receive 2(W-1)/W instead, as an allreduce does
+    (docs/netbench_gpt_fsdp.md), so over gloo ``cap_nominal`` is too low."""
+    rx = dense["rx_bytes_per_step_mean"]
+    unit = (workers - 1) / workers * dense["script_dense_bytes_per_step"]
+    nominal = rx - unit
+    out = {"dense_rx_bytes_per_step": rx, "collective_unit_bytes": unit,
+           "collectives_per_step_nominal": rx / unit if unit else None,
+           "cap_nominal": rx / nominal if nominal > 0 else None}
+    if ada is not None:
+        payload = ada.get("script_wire_bytes_per_step_steady")
+        received = ((workers - 1) / workers * payload if payload is not None
+                    else ada.get("script_received_bytes_per_step", 0.0))
+        allgather = ada["rx_bytes_per_step_mean"] - received
+        out.update(allgather_bytes_per_step=allgather,
+                   allgathers_per_step=allgather / unit if unit else None,
+                   reduce_scatter_bytes_per_step=rx - allgather,
+                   reduce_scatter_units=(rx - allgather) / unit if unit else None,
+                   cap=rx / allgather if allgather > 0 else None)
+    return out
+
+
+def fsdp_targets(rows: list[dict], rate: int | None, workers: int) -> dict:
+    """Issue 17: at 100 Mbit/s and 4 workers, ``fsdp:adacomp`` >= 1.7x faster per step than
+    ``fsdp:none``; beside it the cap of :func:`fsdp_cap`."""
+    out = {"applies": rate == 100_000_000 and workers == 4}
+    for model in sorted({r["model"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        dense, ada = by.get(f"{FSDP_PREFIX}:none"), by.get(f"{FSDP_PREFIX}:adacomp")
+        if dense is None or ada is None:
+            continue
+        speedup = dense["time_per_step_s"] / ada["time_per_step_s"]
+        entry = {"speedup_vs_dense": speedup,
+                 "speedup_vs_dense_of_means": dense["mean_time_per_step_s"] / ada["mean_time_per_step_s"],
+                 "bytes_ratio_measured": dense["rx_bytes_per_step_mean"] / ada["rx_bytes_per_step_mean"],
+                 **fsdp_cap(dense, workers, ada), "speedup_met": speedup >= 1.7}
+        entry["loss_gap_relative"] = (ada["metrics"]["val_loss"] / dense["metrics"]["val_loss"] - 1
+                                      if "val_loss" in ada["metrics"] else None)
+        out[model] = entry
+    return out
+
+
+def auto_targets(rows: list[dict], rate: int | None, workers: int) -> dict:
+    """Issue 18 (DDP): at 1 Gbit/s ``adacomp:auto`` faster per step than ``none``, ``fp16``,
+    ``bf16`` and ``powersgd`` (those measured); at 100 Mbit/s >= 5x faster than ``none`` and
+    faster than ``powersgd``; at either rate within 5 % of the faster of ``adacomp:allgather``
+    and ``adacomp:sharded``."""
+    out = {"applies": workers == 4 and rate in (100_000_000, 1_000_000_000)}
+    for model in sorted({r["model"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        auto = by.get("adacomp:auto")
+        if auto is None:
+            continue
+        t = auto["time_per_step_s"]
+        entry = {f"speedup_vs_{v}": by[v]["time_per_step_s"] / t
+                 for v in ("none", "fp16", "bf16", "powersgd") if v in by}
+        if rate == 1_000_000_000:
+            entry["faster_than_all_baselines_met"] = bool(entry) and all(x > 1 for x in entry.values())
+        elif rate == 100_000_000:
+            if "none" in by:
+                entry["speedup_5x_met"] = entry["speedup_vs_none"] >= 5
+            if "powersgd" in by:
+                entry["faster_than_powersgd_met"] = entry["speedup_vs_powersgd"] > 1
+        fixed = {v: by[v]["time_per_step_s"] for v in ("adacomp:allgather", "adacomp:sharded") if v in by}
+        if fixed:
+            best = min(fixed, key=fixed.get)
+            entry.update(best_fixed=best, vs_best_fixed=t / fixed[best] - 1,
+                         within_5pct_of_best_fixed_met=t <= 1.05 * fixed[best])
+        out[model] = entry
+    return out
+
+
 def compare_table(res: dict) -> str:
     head = (f"{'model':<5} {'variant':<18} {'ms/step':>8} {'(mean)':>7} {'speedup':>8} {'unlimited':>10} "
             f"{'kB rx/step':>11} "
             f"{'kB tx/step':>11} {'MB rx total':>11} {'script MB':>10} {'result':>15}")
     lines = [head, "-" * len(head)]
     for r in res["rows"]:
-        dense = next((d for d in res["rows"] if d["model"] == r["model"] and d["variant"] == "none"), None)
+        dense = next((d for d in res["rows"] if d["model"] == r["model"]
+                      and d["variant"] == dense_variant(r["variant"])), None)
         speed = f"{dense['time_per_step_s'] / r['time_per_step_s']:.1f}x" if dense else "-"
         ref = f"{1e3 * r['unlimited']['time_per_step_s']:.1f}" if "unlimited" in r else "-"
         lines.append(f"{r['model']:<5} {r['variant']:<18} {1e3 * r['time_per_step_s']:>8.1f} "
@@ -714,7 +871,8 @@ def compare_table(res: dict) -> str:
                      f"{r['script_wire_bytes_per_worker'] / 1e6:>10.2f} {_metric_text(r['metrics']):>15}")
     lines.append(f"({res['workers']} workers, {res['rate']} per link each way. Steady state (start-up, first "
                  f"--log-every steps and evaluation left out): ms/step = median over --log-every intervals "
-                 f"(mean beside it), speedup = none's median / this median, unlimited = ms/step with "
+                 f"(mean beside it), speedup = the dense variant's median (none; fsdp:none for fsdp:*) / "
+                 f"this median, unlimited = ms/step with "
                  f"unshaped links (--unlimited-reference); kB/step per worker from the "
                  f"kernel's counters, IP/TCP headers included. MB rx total: whole launch. script MB: bytes "
                  f"train.py handed to collectives per worker.)")
@@ -730,7 +888,7 @@ def compare_plot(res: dict, path: str) -> None:
     for row_axes, model in zip(axes, models):
         rows = [r for r in res["rows"] if r["model"] == model]
         labels = [r["variant"] for r in rows]
-        colors = ["#777777" if r["variant"] in ("none", "fp16", "powersgd") else "#1f77b4" for r in rows]
+        colors = ["#1f77b4" if "adacomp" in r["variant"] else "#777777" for r in rows]
         a, b, c = row_axes
         if all("unlimited" in r for r in rows):  # split: without the link limit + added by it
             base = [1e3 * min(r["unlimited"]["time_per_step_s"], r["time_per_step_s"]) for r in rows]
@@ -780,7 +938,7 @@ def scaling(args) -> dict:
                     print(f"  W={w} / {label}: {steps} steps of {args.models[0]} ({rate_label(rate)})",
                           flush=True)
                     res = launch(bed, base + vargs + args.train_args, work, port, args.timeout,
-                                 label=f"W{w}-{label}", echo=not args.quiet)
+                                 label=f"W{w}-{label}", echo=not args.quiet, steady_from=args.steady_from)
                     port += 1
                     row = summarize(args.models[0], label, res)
                     rows.append(row)
@@ -907,16 +1065,27 @@ def parse_args(argv=None):
                    help="one-way netem delay per direction (needs the kernel's netem qdisc)")
     p.add_argument("--queue-ms", type=float, default=50.0, help="tbf latency: the queue's bound in time")
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
-                   help="default: cnn lstm (--scaling: cnn; only the first is used)")
+                   help="default: cnn lstm (--scaling: cnn; only the first is used). gpt: "
+                        + " ".join(MODELS["gpt"]["args"][2:]))
     p.add_argument("--variants", nargs="+", default=None,
-                   help=f"compressor[:exchange]; default: {' '.join(DEFAULT_VARIANTS)} "
+                   help=f"DDP: compressor[:exchange], compressor one of {', '.join(COMPRESSORS)}, exchange "
+                        f"(adacomp only) one of {', '.join(EXCHANGES)}; FSDP2 (--backend fsdp): "
+                        f"{FSDP_PREFIX}:none (dense reduce-scatter) or {FSDP_PREFIX}:adacomp; "
+                        f"default: {' '.join(DEFAULT_VARIANTS)} "
                         f"(--scaling: adacomp:allgather adacomp:sharded)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="training steps per run (default: per model, cnn 500, lstm 300; --scaling 30)")
-    p.add_argument("--batch-size", type=int, default=None, help="per worker (default: 4)")
+                   help="training steps per run (default: per model, "
+                        + ", ".join(f"{m} {s['max_steps']}" for m, s in MODELS.items()) + "; --scaling 30)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per worker (default: per model, "
+                        + ", ".join(f"{m} {s['batch_size']}" for m, s in MODELS.items()) + ")")
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="progress snapshots every this many steps")
+    p.add_argument("--steady-from", type=int, default=None, metavar="STEP",
+                   help="measure from the first progress snapshot at or after this step (default: the "
+                        "run's dense warm-up, train.py's start_iter: 0, or --freeze-step for AdaComp "
+                        "with AdamW)")
     p.add_argument("--unlimited-reference", type=int, default=0, metavar="STEPS",
                    help="also run every variant this many steps with unshaped links (0: no), to split a "
                         "step into compute and network time")

@@ -84,6 +84,97 @@ def test_variants_follow_what_train_py_offers(monkeypatch):
     assert parsed["adacomp:auto"] == ["--compressor", "adacomp", "--exchange", "auto", "--link-mbps", "100"]
 
 
+def test_bf16_and_fsdp_variants():
+    assert netbench.parse_variant("bf16") == ("bf16", ["--compressor", "bf16"])
+    assert netbench.parse_variant("fsdp:none") == ("fsdp:none", ["--backend", "fsdp", "--compressor", "none"])
+    assert netbench.parse_variant("fsdp:adacomp")[1] == ["--backend", "fsdp", "--compressor", "adacomp"]
+    for bad in ("fsdp", "fsdp:powersgd", "fsdp:bf16", "fsdp:adacomp:sharded"):
+        with pytest.raises(ValueError, match="FSDP2 backend takes"):
+            netbench.parse_variant(bad)
+    assert netbench.dense_variant("fsdp:adacomp") == "fsdp:none"
+    assert netbench.dense_variant("adacomp:auto") == netbench.dense_variant("bf16") == "none"
+    # the link's speed goes to the cost model of the DDP exchange only
+    parsed = dict(netbench.check_variants(["fsdp:adacomp", "adacomp"], 4, rate_bps=100_000_000))
+    assert parsed["fsdp:adacomp"] == ["--backend", "fsdp", "--compressor", "adacomp"]
+    assert parsed["adacomp"][-2:] == ["--link-mbps", "100"]
+    args = netbench.parse_args(["--models", "gpt", "--variants", "fsdp:none", "fsdp:adacomp", "bf16"])
+    assert args.models == ["gpt"] and args.variants == ["fsdp:none", "fsdp:adacomp", "bf16"]
+    with pytest.raises(SystemExit):
+        netbench.parse_args(["--variants", "fsdp:fp16"])
+
+
+def test_gpt_commands_are_what_train_py_accepts():
+    """The arguments netbench hands to launch/train.py for the GPT parse there, as meant."""
+    from adacomp.workloads import training
+    from adacomp.workloads.models import build_model
+
+    spec = netbench.MODELS["gpt"]
+    for variant in ("none", "bf16", "powersgd", "adacomp:auto", "fsdp:none", "fsdp:adacomp"):
+        _, vargs = netbench.parse_variant(variant)
+        a = training.parse_args([*spec["args"], "--batch-size", str(spec["batch_size"]), "--max-steps", "60",
+                                 *vargs, "--plot", ""])
+        assert (a.model, a.data, a.optimizer, a.autocast) == ("gpt", "shakespeare", "adamw", "bf16")
+        assert (a.gpt_layers, a.gpt_embd, a.gpt_heads, a.seq_len, a.batch_size) == (4, 192, 6, 64, 16)
+        assert a.backend == ("fsdp" if variant.startswith("fsdp:") else "ddp")
+    a = training.parse_args([*spec["args"], "--gpt-layers", "6"])  # arguments after `--` come last and win
+    assert a.gpt_layers == 6
+    model = build_model("gpt", vocab_size=65, n_layer=4, n_embd=192, n_head=6)  # Shakespeare: 65 characters
+    assert 1.8e6 < sum(p.numel() for p in model.parameters()) < 1.9e6
+
+
+def _row(variant, ms, rx, loss=1.5, dense_bytes=8e6):
+    return {"model": "gpt", "variant": variant, "time_per_step_s": ms / 1e3, "mean_time_per_step_s": ms / 1e3,
+            "rx_bytes_per_step_mean": rx, "script_dense_bytes_per_step": dense_bytes,
+            "metrics": {"val_loss": loss}}
+
+
+def test_fsdp_target_and_cap():
+    """Cap = dense bytes / all-gather bytes; the all-gathers are what the AdaComp run received
+    less its compressed reduce-scatter (nominal: what the dense run received beyond
+    (W-1)/W x the fp32 gradient)."""
+    rows = [_row("fsdp:none", 1000.0, 18e6), _row("fsdp:adacomp", 450.0, 6.1e6, loss=1.55)]
+    rows[1]["script_received_bytes_per_step"] = 2e6  # whole run, dense warm-up included: not used
+    rows[1]["script_wire_bytes_per_step_steady"] = 0.4e6 / 3  # 0.1 MB received in the steady window
+    out = netbench.check_targets(rows, 100_000_000, 4)["issue17_fsdp"]
+    assert out["applies"]
+    t = out["gpt"]
+    assert t["collective_unit_bytes"] == pytest.approx(6e6)
+    assert t["cap_nominal"] == pytest.approx(18 / 12)
+    assert t["allgather_bytes_per_step"] == pytest.approx(6e6)
+    assert t["reduce_scatter_units"] == pytest.approx(2.0)
+    assert t["cap"] == pytest.approx(3.0)
+    assert t["speedup_vs_dense"] == pytest.approx(1000 / 450) and t["speedup_met"]
+    assert t["bytes_ratio_measured"] == pytest.approx(18 / 6.1)
+    assert t["loss_gap_relative"] == pytest.approx(0.05 / 1.5)
+    rows[1]["time_per_step_s"] = 0.7
+    assert not netbench.check_targets(rows, 100_000_000, 4)["issue17_fsdp"]["gpt"]["speedup_met"]
+    assert not netbench.check_targets(rows, 1_000_000_000, 4)["issue17_fsdp"]["applies"]
+
+
+def test_auto_targets():
+    times = {"none": 100.0, "fp16": 60.0, "bf16": 60.0, "powersgd": 40.0, "adacomp:allgather": 30.0,
+             "adacomp:sharded": 35.0, "adacomp:auto": 31.0}
+    rows = [_row(v, ms, 1e6) for v, ms in times.items()]
+    fast = netbench.check_targets(rows, 1_000_000_000, 4)["issue18_gpt"]["gpt"]
+    assert fast["faster_than_all_baselines_met"] and fast["best_fixed"] == "adacomp:allgather"
+    assert fast["vs_best_fixed"] == pytest.approx(1 / 30) and fast["within_5pct_of_best_fixed_met"]
+    slow = netbench.check_targets(rows, 100_000_000, 4)["issue18_gpt"]["gpt"]
+    assert not slow["speedup_5x_met"] and slow["faster_than_powersgd_met"]
+    rows[-1]["time_per_step_s"] = 0.0325  # 8 % behind allgather
+    behind = netbench.check_targets(rows, 100_000_000, 4)["issue18_gpt"]["gpt"]
+    assert not behind["within_5pct_of_best_fixed_met"]
+    table = netbench.compare_table({"rows": [_table_row(v, ms) for v, ms in
+                                             (("none", 100), ("fsdp:none", 300), ("fsdp:adacomp", 150))],
+                                    "workers": 4, "rate": "100 Mbit/s"})
+    speedups = {line.split()[1]: line.split()[4] for line in table.splitlines()[2:5]}
+    assert speedups == {"none": "1.0x", "fsdp:none": "1.0x", "fsdp:adacomp": "2.0x"}  # vs its backend's dense
+
+
+def _table_row(variant, ms):
+    return dict(_row(variant, ms, 1e6), tx_bytes_per_step_mean=1e6, total_rx_bytes_per_worker=1e7,
+                script_wire_bytes_per_worker=1e6)
+
+
 def test_testbed_arguments_are_checked():
     with pytest.raises(ValueError, match="workers"):
         netbench.Testbed(0)
@@ -109,6 +200,24 @@ def test_link_figures_use_the_steady_state():
     assert out["time_per_step_s"] == pytest.approx(0.2)
     assert out["median_time_per_step_s"] == pytest.approx(0.2)  # median of 0.1 and 0.3
     assert out["total_rx_bytes"] == [5000, 5000]
+
+
+def test_link_figures_skip_a_dense_warm_up():
+    """With ``from_step`` (a run's dense warm-up), the window starts at the first snapshot at or
+    after it: the figures are those of the compressed steps only."""
+    def snap(t, step, rx):
+        return {"t": t, "step": step, "counters": [{"rx_bytes": rx, "tx_bytes": rx}]}
+    snaps = [snap(1.0, 5, 1000), snap(3.0, 10, 11000), snap(4.0, 15, 12000), snap(5.0, 20, 13000)]
+    before, after = [{"rx_bytes": 0, "tx_bytes": 0}], [{"rx_bytes": 20000, "tx_bytes": 20000}]
+    dense = netbench.link_figures(before, after, snaps, steps=20, elapsed=9.0)
+    assert dense["steady_from_step"] == 5 and dense["rx_bytes_per_step"] == [800.0]
+    out = netbench.link_figures(before, after, snaps, steps=20, elapsed=9.0, from_step=10)
+    assert (out["steady_from_step"], out["steady_to_step"], out["from_step"]) == (10, 20, 10)
+    assert out["rx_bytes_per_step"] == [200.0] and out["time_per_step_s"] == pytest.approx(0.2)
+    late = netbench.link_figures(before, after, snaps, steps=20, elapsed=9.0, from_step=25)
+    assert late["time_per_step_s"] is None  # no window left: whole-launch figures
+    assert netbench.parse_args(["--steady-from", "30"]).steady_from == 30
+    assert netbench.parse_args([]).steady_from is None
 
 
 # ------------------------------------------------------------------------------ real namespaces
