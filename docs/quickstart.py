@@ -3,7 +3,7 @@
 
 The README shows what ``make train`` prints. That block is not typed by hand: this script runs
 the same command (``python -m torch.distributed.run --standalone --nproc_per_node 2
-launch/train.py``), cuts the summary table out of its output and writes it between the
+launch/train.py --exchange allgather``), cuts the summary table out of its output and writes it between the
 markers ``<!-- quickstart-output:begin -->`` and ``<!-- quickstart-output:end -->``::
 
     python docs/quickstart.py --update README.md     # what `make readme` runs
@@ -24,7 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- quickstart-output:begin -->", "<!-- quickstart-output:end -->"
 COMMAND = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join("launch", "train.py")]
+           os.path.join("launch", "train.py"), "--exchange", "allgather"]
 
 
 def run_main_job(timeout: float = 600, plot: bool = True) -> str:
