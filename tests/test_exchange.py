@@ -284,12 +284,12 @@ def _headers(world, count, us):
 
 def test_measured_cost_explores_then_takes_the_slowest_ranks_fastest_mode():
     mc = MeasuredCost(trials=2, window=3, refresh=20)
+    # rank 1 is slow at allgather: its figure, not rank 0's, decides
+    us = [{"allgather": 1000, "sharded": 3000}, {"allgather": 5000, "sharded": 3500}]
     plans = []
     for call in range(30):
         plans.append(mc.plan("g"))
-        # rank 1 is slow at allgather: its figure, not rank 0's, decides
-        us = [{"allgather": 1000, "sharded": 3000}, {"allgather": 5000, "sharded": 3500}]
-        seen = {m: v for m, v in us[0].items() if any(p == m for p in plans[:-1])}
+        seen = set(plans[:-1])  # the modes measured before this call
         mc.observe("g", _headers(2, call, [{m: us[r][m] for m in seen} for r in range(2)]))
         mc.record("g", plans[-1], 1e-3)
     assert plans[:4] == ["allgather", "allgather", "sharded", "sharded"]

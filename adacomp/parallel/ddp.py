@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import CostModel, ExchangeState, MeasuredCost, StepLedger, check_exchange, check_headers, error_meta
+from .exchange import (CostModel, ExchangeState, MeasuredCost, StepLedger, check_exchange, check_headers,
+                       check_start_iter, error_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class AdaCompState(ExchangeState):
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
                  cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None, scaler=None,
                  overlap: bool = True):
-        if not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
+        check_start_iter(start_iter)
         self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
         self.start_iter = start_iter

@@ -77,6 +77,13 @@ def check_exchange(exchange: str) -> str:
     return exchange
 
 
+def check_start_iter(start_iter) -> int:
+    """``start_iter`` (dense steps before compression) of an integration, checked."""
+    if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+        raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
+    return start_iter
+
+
 @dataclass(frozen=True)
 class CostModel:
     """An analytic cost model for ``exchange="auto"`` (the default is
@@ -182,7 +189,7 @@ class MeasuredCost:
     def _group(self, key):
         g = self._groups.get(key)
         if g is None:
-            g = self._groups[key] = {"count": 0, "plan": self.modes[0], "times": {}, "shared": {}}
+            g = self._groups[key] = {"count": 0, "plan": self.modes[0], "times": {}}
         return g
 
     def plan(self, key) -> str:
@@ -210,7 +217,6 @@ class MeasuredCost:
         for i, m in enumerate(PLAN_MODES):
             col = h[:, 1 + i]
             shared[m] = None if bool((col < 0).any()) else float(col.max()) * 1e-6
-        g["shared"] = shared
         nxt = count + 1
         explore = self.trials * len(self.modes)
         if nxt < explore:

@@ -66,6 +66,7 @@ from .exchange import (
     ExchangeState,
     all_zero,
     check_headers,
+    check_start_iter,
     config_hash,
     dense_flags,
     error_meta,
@@ -141,6 +142,15 @@ class _Done:
         fut.set_result(result)
         create = getattr(torch._C._distributed_c10d, "_create_work_from_future", None)
         return create(fut) if create is not None else None
+
+
+def _apply_reduce_(total: torch.Tensor, kind: str, factor: float | None, world: int) -> None:
+    """Turn the sum over ``world`` ranks into FSDP's reduction (``kind``, ``factor`` from
+    :func:`_reduce_factor`), in place."""
+    if kind == "avg":
+        total.div_(world)
+    elif kind == "premul":
+        total.mul_(factor)
 
 
 def _reduce_factor(op) -> tuple[str, float | None]:
@@ -366,10 +376,7 @@ class _ChunkExchange:
             elif d == NONFINITE:
                 acc.fill_(float("nan"))
             if d in (COMPRESSED, DENSE_RULE, DENSE_FALLBACK):
-                if kind == "avg":
-                    acc.div_(W)
-                elif kind == "premul":
-                    acc.mul_(factor)
+                _apply_reduce_(acc, kind, factor, W)
                 if not bool(torch.isfinite(acc).all()):
                     overflow = True  # an owner's sum of finite values overflowed
             region[:n].copy_(acc)
@@ -443,9 +450,7 @@ class FSDPAdaCompState(ExchangeState):
     def __init__(self, compressor: AdaComp, process_group, *, scaler=None, log_every: int = 0,
                  start_iter: int = 0):
         self._init_exchange_state(compressor, EXCHANGE_NAME, None, scaler)
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
-        self.start_iter = start_iter
+        self.start_iter = check_start_iter(start_iter)
         self.process_group = process_group
         self.world = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
@@ -468,12 +473,9 @@ class FSDPAdaCompState(ExchangeState):
         if self.iter < self.start_iter:  # dense warm-up: a plain reduce-scatter, residues untouched
             try:
                 kind, factor = _reduce_factor(op)
-                if kind == "premul":  # as FSDP2's: scale the input first, then sum
-                    inp = inp * factor
-                # SUM, then divide: gloo has no AVG reduce-scatter
+                # SUM, then FSDP's op (gloo has no AVG reduce-scatter), as the compressed path does
                 dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group)
-                if kind == "avg":
-                    out.div_(W)
+                _apply_reduce_(out, kind, factor, W)
             except Exception:
                 self.abort_step()
                 raise

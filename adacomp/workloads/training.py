@@ -288,7 +288,7 @@ def _counting_hook(hook, serial: bool = False):
 
 def exchange_settings(args) -> dict:
     """The AdaComp exchange mode and cost model from the command line."""
-    if getattr(args, "cost_model", "measured") == "link":
+    if args.cost_model == "link":
         cost = CostModel(bandwidth=args.link_mbps * 1e6 / 8, latency=args.link_latency_ms / 1e3)
     else:
         cost = MeasuredCost()
@@ -574,7 +574,7 @@ def make_optimizer(args, model):
         rest = [p for p in model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": args.weight_decay},
                   {"params": rest, "weight_decay": 0.0}]
-        if getattr(args, "freeze_step", None):
+        if args.freeze_step:
             return FrozenVarianceAdamW(groups, lr=args.lr, betas=(0.9, 0.95), freeze_step=args.freeze_step)
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
