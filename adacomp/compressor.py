@@ -186,6 +186,95 @@ class AdaComp:
                     for s, e in bounds], None
         return payload.encode_split(n, L, counts, offsets, values, float(scale[0]), kind, bounds), (name, out)
 
+    def prepare_bucket(self, names, grads, bins, pieces: int = 1):
+        """:meth:`prepare` (``pieces == 1``) or :meth:`prepare_split` for a whole bucket at
+        once: one call into the extension on CPU (``adacomp::compress_bucket``), a loop over
+        the per-tensor path on the other backends; the same bytes either way.
+
+        ``bins``: each tensor's bin size (an int: every tensor here is compressed; tensors
+        sent dense by rule stay out of the bucket). Returns a
+        :class:`adacomp.payload.BucketPayloads` (one contiguous uint8 buffer, piece-major,
+        and its size table) and the pending residue updates, one per tensor (``None`` for
+        a non-finite gradient), for :meth:`commit` / :meth:`discard`.
+
+        Raises ``ValueError`` for a non-floating-point gradient, a changed shape or an
+        invalid bin size, before any residue is touched.
+        """
+        names, grads, bins = list(names), list(grads), list(bins)
+        if not (len(names) == len(grads) == len(bins)):
+            raise ValueError(f"prepare_bucket: {len(names)} names, {len(grads)} gradients and "
+                             f"{len(bins)} bin sizes")
+        if pieces < 1:
+            raise ValueError(f"prepare_bucket: pieces must be >= 1, got {pieces}")
+        native = bool(grads) and all(g.device.type == "cpu" for g in grads) and (
+            self.device is None or self.device.type == "cpu") and ops.backend("cpu") == "cpp"
+        if not native:
+            return self._prepare_bucket_loop(names, grads, bins, pieces)
+        flats, residues, outs, Ls, shapes = [], [], [], [], []
+        for name, grad, L in zip(names, grads, bins):
+            flat, L = self._flat_input(name, grad, L)
+            n = flat.numel()
+            flats.append(flat)
+            residues.append(self._residue_buffer(name, n, flat.device))
+            outs.append(None)
+            Ls.append(L)
+            shapes += [grad.dim(), *grad.shape]
+        for i, f in enumerate(flats):  # spares taken only once every input is valid
+            outs[i] = self._take_spare(f.numel(), f.device)
+        data, sizes, info = torch.ops.adacomp.compress_bucket(
+            flats, residues, outs, Ls, shapes, pieces, SCALE_MODES[self.scale], VALUE_MODES[self.values])
+        info_l = info.tolist()
+        pending = []
+        for name, out, (_, nonfinite, _) in zip(names, outs, info_l):
+            if nonfinite:
+                self._spare[(out.numel(), out.device)] = out
+                pending.append(None)
+            else:
+                pending.append((name, out))
+        bp = payload.BucketPayloads(data, sizes, [int(x[1]) != 0 for x in info_l],
+                                    [int(x[2]) != 0 for x in info_l])
+        return bp, pending
+
+    def _prepare_bucket_loop(self, names, grads, bins, pieces):
+        from .parallel.exchange import all_zero
+
+        per, pending = [], []
+        try:
+            for name, grad, L in zip(names, grads, bins):
+                ps, pend = self._prepare(name, grad, pieces if pieces > 1 else None, L)
+                per.append(ps)
+                pending.append(pend)
+        except BaseException:
+            for pend in pending:
+                self.discard(pend)
+            raise
+        return payload.BucketPayloads.from_payloads(
+            per, [all_zero(g) for g in grads]), pending
+
+    def _flat_input(self, name, grad, L):
+        """The checks of :meth:`_prepare`, and the flat fp32 input and clamped bin size."""
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
+        if not grad.is_floating_point():
+            raise ValueError(f"compress({name!r}): gradient must be floating point, got {grad.dtype}")
+        shape = tuple(grad.shape)
+        known = self._shapes.get(name)
+        if known is not None and known != shape:
+            raise ValueError(f"compress({name!r}): gradient shape changed from {known} to {shape}; "
+                             "a residue is kept per name, so use a new name for a new tensor")
+        if L is None:
+            raise ValueError(f"prepare_bucket({name!r}): a tensor sent dense has no place in a bucket")
+        _check_bin_size(L, f" for {name!r}")
+        self._shapes[name] = shape
+        g = grad.detach()
+        if self.device is not None and g.device != self.device:
+            g = g.to(self.device)
+        flat = g.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.to(torch.float32)
+        flat = flat.contiguous()
+        return flat, max(1, min(L, flat.numel()))
+
     def commit(self, pending) -> None:
         """Make a pending residue update from :meth:`prepare` the residue."""
         if pending is None:

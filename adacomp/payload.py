@@ -528,6 +528,109 @@ def _reference_decode_body(p, t, body_offset, numel, bin_size, n_sent, kind, non
     return bins * L + offs, vals
 
 
+# ----------------------------------------------------------------------------- buckets
+
+class BucketPayloads:
+    """Every payload of one bucket (``T`` tensors, each in ``pieces`` bin-aligned pieces)
+    in one contiguous uint8 buffer, piece-major: piece 0 of every tensor, then piece 1, ...
+
+    ``sizes``: int64 ``[pieces, T]`` bytes per payload (on the host); ``nonfinite`` and
+    ``zero``: per tensor, whether its gradient held NaN/Inf, and whether it was all zero.
+    """
+
+    __slots__ = ("data", "sizes", "nonfinite", "zero", "_starts")
+
+    def __init__(self, data: torch.Tensor, sizes: torch.Tensor, nonfinite: list[bool], zero: list[bool]):
+        self.data = data
+        self.sizes = sizes
+        self.nonfinite = nonfinite
+        self.zero = zero
+        flat = sizes.reshape(-1)
+        self._starts = (torch.cumsum(flat, 0) - flat).reshape(sizes.shape).tolist()
+
+    @classmethod
+    def from_payloads(cls, per_tensor: list[list[Payload]], zero: list[bool]) -> BucketPayloads:
+        """From per-tensor payload lists (all of one length): what the native op builds."""
+        pieces = len(per_tensor[0]) if per_tensor else 1
+        parts = [per_tensor[t][s].tensor for s in range(pieces) for t in range(len(per_tensor))]
+        device = parts[0].device if parts else torch.device("cpu")
+        data = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+        sizes = torch.tensor([[per_tensor[t][s].nbytes for t in range(len(per_tensor))]
+                              for s in range(pieces)], dtype=torch.int64).reshape(pieces, len(per_tensor))
+        return cls(data, sizes, [ps[0].nonfinite for ps in per_tensor], zero)
+
+    @property
+    def pieces(self) -> int:
+        return self.sizes.shape[0]
+
+    def piece(self, t: int, s: int = 0) -> torch.Tensor:
+        """The bytes of tensor ``t``'s piece ``s`` (a view)."""
+        start = self._starts[s][t]
+        return self.data[start:start + int(self.sizes[s, t])]
+
+    def select(self, tensors: list[int], pieces=None) -> torch.Tensor:
+        """The bytes of ``tensors``' payloads, piece-major (of ``pieces``, default all): a
+        view of the buffer when that is all of it, else a copy."""
+        T = self.sizes.shape[1]
+        pieces = range(self.pieces) if pieces is None else list(pieces)
+        if list(tensors) == list(range(T)):
+            if len(pieces) == self.pieces:
+                return self.data
+            if len(pieces) == 1:
+                s = pieces[0]
+                start = self._starts[s][0] if T else 0
+                return self.data[start:start + int(self.sizes[s].sum())]
+        parts = [self.piece(t, s) for s in pieces for t in tensors]
+        if not parts:
+            return self.data[:0]
+        return torch.cat(parts)
+
+
+def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple]) -> None:
+    """Decode a bucket's received payloads into ``outs`` with one call.
+
+    ``outs``: contiguous fp32 tensors (read flat); ``rows``: 1-D uint8 tensors (one per
+    sending rank); ``entries``: per payload ``(out, start, end, row, offset, nbytes,
+    shape)``: its bytes are ``rows[row][offset:offset + nbytes]``, the receiver expects
+    ``shape`` (``end - start`` elements), and consecutive entries with the same
+    ``(out, start, end)`` are summed, in order, into ``outs[out].view(-1)[start:end]``
+    (zeroed first; NaN if one of them carries the non-finite flag). Ranges may not overlap.
+
+    Every payload is validated first (the checks and messages of :func:`parse_header`
+    with ``shape=`` and of :func:`decompress_sum`); on a ``ValueError`` no output is
+    touched. On CPU with the extension this is ``adacomp::decode_bucket_``.
+    """
+    from . import ops
+
+    if outs and all(o.device.type == "cpu" for o in outs) and ops.backend("cpu") == "cpp":
+        flat = []
+        for o, s, e, r, off, nb, shape in entries:
+            flat += [o, s, e, r, off, nb, len(shape), *shape]
+        torch.ops.adacomp.decode_bucket_(outs, rows, flat)
+        return
+    decode_bucket_loop_(outs, rows, entries)
+
+
+def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple]) -> None:
+    """:func:`decode_bucket_` as a loop of :meth:`Payload.from_tensor` and
+    :func:`decompress_sum` calls (with the backend in use): the definition the native op
+    matches, message for message."""
+    groups = []
+    for e in entries:
+        if groups and groups[-1][0] == e[:3]:
+            groups[-1][1].append(e)
+        else:
+            groups.append((e[:3], [e]))
+    done = []
+    for (o, start, end), items in groups:
+        plist = [Payload.from_tensor(rows[r][off:off + nb], shape=shape) for _, _, _, r, off, nb, shape in items]
+        tmp = torch.zeros(items[0][6], dtype=torch.float32, device=outs[o].device)
+        decompress_sum(plist, tmp)
+        done.append((o, start, end, tmp))
+    for o, start, end, tmp in done:
+        outs[o].view(-1)[start:end].copy_(tmp.reshape(-1))
+
+
 # ----------------------------------------------------------------------------- public API
 
 def _as_payload(p) -> Payload:

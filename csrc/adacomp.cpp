@@ -30,4 +30,17 @@ TORCH_LIBRARY(adacomp, m) {
   // result: counts int32[n_bins], offsets int32[n_sent], values fp32[n_sent]; kind 0
   // ternary (sign bit above the offset), 1 fp16, 2 fp32. Returns uint8[body bytes].
   m.def("encode_body(Tensor counts, Tensor offsets, Tensor values, int offset_width, int kind) -> Tensor");
+  // One call per bucket (CPU): select, residue update and the whole payload (header and
+  // body) of every gradient, into one byte buffer, pieces-major (piece s of every tensor,
+  // then piece s + 1; pieces > 1 splits each payload into bin-aligned shards). shapes holds
+  // per gradient its ndim, then its sizes. Returns (data uint8, sizes int64[pieces, T],
+  // info int64[T, 3] = [n_sent, nonfinite, all-zero gradient]).
+  m.def(
+      "compress_bucket(Tensor[] grads, Tensor[] residues, Tensor(a!)[] residue_outs, int[] bin_sizes, "
+      "int[] shapes, int pieces, int scale_mode, int value_mode) -> (Tensor, Tensor, Tensor)");
+  // Parse and validate every payload of a bucket (header against the expected shape, and
+  // body), then zero and sum each range of an output. entries: per payload
+  // [out, start, end, row, byte offset, nbytes, ndim, sizes...]; consecutive payloads with the
+  // same (out, start, end) are summed in order. Nothing is written unless all are valid.
+  m.def("decode_bucket_(Tensor(a!)[] outs, Tensor[] rows, int[] entries) -> ()");
 }

@@ -7,6 +7,8 @@
 
 #include <cstring>
 
+#include "kernels.h"
+
 namespace adacomp {
 namespace {
 
@@ -40,6 +42,50 @@ struct BitWriter {
   }
 };
 
+}  // namespace
+
+int64_t body_bytes(int64_t n_bins, int64_t n_sent, int offset_width, int kind) {
+  const int fbits = offset_width + (kind == 0 ? 1 : 0);
+  const int64_t count_bytes = (n_bins + n_sent + 7) / 8;
+  const int64_t entry_bytes = (n_sent && fbits) ? (n_sent * fbits + 7) / 8 : 0;
+  const int64_t value_bytes = kind == 1 ? 2 * n_sent : (kind == 2 ? 4 * n_sent : 0);
+  return count_bytes + entry_bytes + value_bytes;
+}
+
+void encode_body_into(uint8_t* p, const int32_t* cnt, int64_t nb, const int32_t* off, const float* val,
+                      int64_t k, int offset_width, int kind) {
+  const int fbits = offset_width + (kind == 0 ? 1 : 0);
+  const int64_t count_bytes = (nb + k + 7) / 8;
+  const int64_t entry_bytes = (k && fbits) ? (k * fbits + 7) / 8 : 0;
+  BitWriter counts_w(p);
+  for (int64_t b = 0; b < nb; ++b) {
+    counts_w.ones(cnt[b]);
+    counts_w.put(0, 1);
+  }
+  counts_w.flush();
+  if (entry_bytes) {
+    BitWriter entries(p + count_bytes);
+    const int w = offset_width;
+    for (int64_t i = 0; i < k; ++i) {
+      uint64_t field = static_cast<uint32_t>(off[i]);
+      if (kind == 0 && val[i] < 0.0f) field |= (1ull << w);
+      entries.put(field, fbits);
+    }
+    entries.flush();
+  }
+  uint8_t* vp = p + count_bytes + entry_bytes;
+  if (kind == 1) {
+    for (int64_t i = 0; i < k; ++i) {
+      const uint16_t h = c10::Half(val[i]).x;
+      std::memcpy(vp + 2 * i, &h, 2);
+    }
+  } else if (kind == 2 && k) {
+    std::memcpy(vp, val, 4 * k);
+  }
+}
+
+namespace {
+
 constexpr int64_t kTernary = 0, kFp16 = 1, kFp32 = 2;
 
 at::Tensor encode_body_cpu(const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& values,
@@ -54,46 +100,16 @@ at::Tensor encode_body_cpu(const at::Tensor& counts, const at::Tensor& offsets, 
   auto o = offsets.contiguous();
   auto v = values.contiguous();
   const int64_t nb = c.numel(), k = o.numel();
-  const int fbits = static_cast<int>(offset_width) + (kind == kTernary ? 1 : 0);
-  const int64_t count_bytes = (nb + k + 7) / 8;
-  const int64_t entry_bytes = (k && fbits) ? (k * fbits + 7) / 8 : 0;
-  const int64_t value_bytes = kind == kFp16 ? 2 * k : (kind == kFp32 ? 4 * k : 0);
-  auto out = at::empty({count_bytes + entry_bytes + value_bytes}, c.options().dtype(at::kByte));
-  uint8_t* p = out.data_ptr<uint8_t>();
   const int32_t* cnt = c.data_ptr<int32_t>();
-  const int32_t* off = o.data_ptr<int32_t>();
-  const float* val = v.data_ptr<float>();
-
-  BitWriter counts_w(p);
   int64_t total = 0;
   for (int64_t b = 0; b < nb; ++b) {
     TORCH_CHECK(cnt[b] >= 0, "encode_body: negative count");
-    counts_w.ones(cnt[b]);
-    counts_w.put(0, 1);
     total += cnt[b];
   }
-  counts_w.flush();
   TORCH_CHECK(total == k, "encode_body: counts sum to ", total, " but there are ", k, " offsets");
-
-  if (entry_bytes) {
-    BitWriter entries(p + count_bytes);
-    const int w = static_cast<int>(offset_width);
-    for (int64_t i = 0; i < k; ++i) {
-      uint64_t field = static_cast<uint32_t>(off[i]);
-      if (kind == kTernary && val[i] < 0.0f) field |= (1ull << w);
-      entries.put(field, fbits);
-    }
-    entries.flush();
-  }
-  uint8_t* vp = p + count_bytes + entry_bytes;
-  if (kind == kFp16) {
-    for (int64_t i = 0; i < k; ++i) {
-      const uint16_t h = c10::Half(val[i]).x;
-      std::memcpy(vp + 2 * i, &h, 2);
-    }
-  } else if (kind == kFp32 && k) {
-    std::memcpy(vp, val, 4 * k);
-  }
+  auto out = at::empty({body_bytes(nb, k, (int)offset_width, (int)kind)}, c.options().dtype(at::kByte));
+  encode_body_into(out.data_ptr<uint8_t>(), cnt, nb, o.data_ptr<int32_t>(), v.data_ptr<float>(), k,
+                   (int)offset_width, (int)kind);
   return out;
 }
 

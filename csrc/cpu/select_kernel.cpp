@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "kernels.h"
 
 namespace adacomp {
 namespace {
@@ -220,6 +221,8 @@ static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
   stream_chunks_generic(a, c0, c1, acc);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
     const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
     int64_t bin_size, int64_t scale_mode, int64_t value_mode) {
@@ -333,8 +336,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cp
   info.data_ptr<int64_t>()[1] = any_bad ? 1 : 0;
   return {counts, offsets, values, scale_t, info};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(adacomp, CPU, m) { m.impl("select", &select_cpu); }
 

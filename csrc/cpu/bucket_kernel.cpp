@@ -1,0 +1,528 @@
+// CPU kernels of the per-bucket ops (docs/algorithm.md section 6, "one call per bucket"):
+//
+// * adacomp::compress_bucket: selection, residue update and the whole payload (header and
+//   body, wire format version 1, adacomp/payload.py) of every tensor of a bucket, written
+//   into one contiguous byte buffer, with the size table the size exchange sends;
+// * adacomp::decode_bucket_: parse and validate every received payload of a bucket (header
+//   and body, with the error messages of adacomp.payload.parse_header and of
+//   decompress_sum_), then zero and sum them into their output ranges. Nothing is written
+//   unless every payload is valid.
+//
+// Both are byte for byte (and bit for bit) what the per-tensor Python path builds from
+// AdaComp.prepare / prepare_split and Payload.from_tensor + decompress_sum.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../decode.h"
+#include "kernels.h"
+
+namespace adacomp {
+namespace {
+
+constexpr int kMaxNdim = 32;
+constexpr int kMaxVarintBytes = 9;
+constexpr int64_t kMaxNumel = (int64_t)1 << 48;
+constexpr int64_t kMaxBinSize = ((int64_t)1 << 31) - 1;
+constexpr uint8_t kVersion = 1;
+
+// ----------------------------------------------------------------------------- encoding
+
+void put_varint(std::vector<uint8_t>& out, uint64_t v) {
+  while (true) {
+    const uint8_t byte = v & 0x7F;
+    v >>= 7;
+    if (v) {
+      out.push_back(byte | 0x80);
+    } else {
+      out.push_back(byte);
+      return;
+    }
+  }
+}
+
+// adacomp.payload.encode_header.
+std::vector<uint8_t> encode_header(const int64_t* shape, int ndim, int64_t bin_size, int64_t n_sent,
+                                   int kind, bool nonfinite, float scale) {
+  std::vector<uint8_t> h = {'A', 'C', kVersion, (uint8_t)((nonfinite ? 1 : 0) | (kind << 1)),
+                            (uint8_t)ndim};
+  for (int i = 0; i < ndim; ++i) put_varint(h, (uint64_t)shape[i]);
+  put_varint(h, (uint64_t)bin_size);
+  put_varint(h, (uint64_t)n_sent);
+  if (kind == kValueTernary) {
+    const uint32_t bits = float_bits(scale);
+    for (int i = 0; i < 4; ++i) h.push_back((uint8_t)(bits >> (8 * i)));
+  }
+  return h;
+}
+
+// adacomp.payload.shard_bounds: `shards` ranges on bin boundaries.
+std::vector<std::pair<int64_t, int64_t>> shard_bounds(int64_t numel, int64_t bin_size, int64_t shards) {
+  const int64_t L = numel ? std::max<int64_t>(1, std::min(bin_size, numel)) : 1;
+  const int64_t nb = numel ? (numel + L - 1) / L : 0;
+  std::vector<int64_t> edges(shards + 1);
+  for (int64_t s = 0; s <= shards; ++s) edges[s] = std::min(numel, (s * nb / shards) * L);
+  edges[shards] = numel;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t s = 0; s < shards; ++s) out.emplace_back(edges[s], edges[s + 1]);
+  return out;
+}
+
+struct Piece {
+  std::vector<uint8_t> header;
+  int64_t b0 = 0, b1 = 0, e0 = 0, e1 = 0;  // bins and entries of the selection it holds
+  int width = 0;
+  int64_t size = 0;
+};
+
+// Returns (data uint8, sizes int64[pieces, T], info int64[T, 3] = n_sent, nonfinite, zero).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
+    at::TensorList grads, at::TensorList residues, at::TensorList residue_outs, at::IntArrayRef bin_sizes,
+    at::IntArrayRef shapes, int64_t pieces, int64_t scale_mode, int64_t value_mode) {
+  const int64_t T = (int64_t)grads.size();
+  TORCH_CHECK_VALUE((int64_t)residues.size() == T && (int64_t)residue_outs.size() == T &&
+                        (int64_t)bin_sizes.size() == T,
+                    "adacomp::compress_bucket: one residue, residue_out and bin size per gradient");
+  TORCH_CHECK_VALUE(pieces >= 1, "adacomp::compress_bucket: pieces must be >= 1, got ", pieces);
+  const int kind = (int)value_mode;
+  std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> sel;
+  sel.reserve(T);
+  std::vector<std::vector<Piece>> layout(T);
+  auto info = at::empty({T, 3}, at::kLong);
+  int64_t* inf = info.data_ptr<int64_t>();
+  size_t sp = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(sp < shapes.size() && shapes[sp] >= 0 && shapes[sp] <= kMaxNdim &&
+                          sp + 1 + shapes[sp] <= shapes.size(),
+                      "adacomp::compress_bucket: shapes must hold ndim then the sizes, per gradient");
+    const int ndim = (int)shapes[sp];
+    const int64_t* dims = shapes.data() + sp + 1;
+    sp += 1 + ndim;
+    const at::Tensor& g = grads[t];
+    int64_t numel = 1;
+    for (int i = 0; i < ndim; ++i) numel *= dims[i];
+    TORCH_CHECK_VALUE(numel == g.numel(), "adacomp::compress_bucket: gradient ", t, " has ", g.numel(),
+                      " elements, its shape says ", numel);
+    const int64_t L = bin_sizes[t];
+    sel.push_back(select_cpu(g, residues[t], const_cast<at::Tensor&>(residue_outs[t]), L, scale_mode,
+                             value_mode));
+    const auto& [counts, offsets, values, scale_t, sinfo] = sel.back();
+    const int64_t k = sinfo.data_ptr<int64_t>()[0];
+    const bool bad = sinfo.data_ptr<int64_t>()[1] != 0;
+    const float scale = scale_t.data_ptr<float>()[0];
+    // exchange.all_zero: the head first, the whole gradient only if the head is all zero.
+    const float* gp = g.data_ptr<float>();
+    bool zero = true;
+    for (int64_t i = 0; i < std::min<int64_t>(numel, 256) && zero; ++i) zero = gp[i] == 0.0f;
+    for (int64_t i = 256; i < numel && zero; ++i) zero = gp[i] == 0.0f;
+    inf[3 * t] = k;
+    inf[3 * t + 1] = bad ? 1 : 0;
+    inf[3 * t + 2] = zero ? 1 : 0;
+    std::vector<Piece>& ps = layout[t];
+    if (pieces == 1) {
+      Piece p;
+      p.header = encode_header(dims, ndim, L, bad ? 0 : k, kind, bad, bad ? NAN : scale);
+      p.b1 = counts.numel();
+      p.e1 = k;
+      p.width = offset_width(L);
+      ps.push_back(std::move(p));
+    } else {
+      const int32_t* cnt = counts.data_ptr<int32_t>();
+      int64_t b = 0, e = 0;
+      for (const auto& [start, end] : shard_bounds(numel, L, pieces)) {
+        const int64_t sbin = std::max<int64_t>(1, std::min(L, end - start));
+        const int64_t len = end - start;
+        Piece p;
+        p.b0 = b;
+        p.e0 = e;
+        const int64_t b1 = (end + L - 1) / L;
+        if (!bad)
+          for (; b < b1; ++b) e += cnt[b];
+        b = b1;
+        p.b1 = b;
+        p.e1 = e;
+        p.width = offset_width(sbin);
+        p.header = encode_header(&len, 1, sbin, bad ? 0 : p.e1 - p.e0, kind, bad, bad ? NAN : scale);
+        ps.push_back(std::move(p));
+      }
+    }
+    for (Piece& p : ps)
+      p.size = (int64_t)p.header.size() + (bad ? 0 : body_bytes(p.b1 - p.b0, p.e1 - p.e0, p.width, kind));
+  }
+  auto sizes = at::empty({pieces, T}, at::kLong);
+  int64_t* sz = sizes.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t s = 0; s < pieces; ++s)
+    for (int64_t t = 0; t < T; ++t) total += (sz[s * T + t] = layout[t][s].size);
+  auto data = at::empty({total}, at::kByte);
+  uint8_t* out = data.data_ptr<uint8_t>();
+  // Piece-major: every tensor's piece 0, then every tensor's piece 1, ... (what the sharded
+  // exchange's all-to-all sends to owner s is one contiguous range).
+  for (int64_t s = 0; s < pieces; ++s) {
+    for (int64_t t = 0; t < T; ++t) {
+      const Piece& p = layout[t][s];
+      std::memcpy(out, p.header.data(), p.header.size());
+      if (inf[3 * t + 1] == 0) {
+        const auto& [counts, offsets, values, scale_t, sinfo] = sel[t];
+        encode_body_into(out + p.header.size(), counts.data_ptr<int32_t>() + p.b0, p.b1 - p.b0,
+                         offsets.data_ptr<int32_t>() + p.e0, values.data_ptr<float>() + p.e0, p.e1 - p.e0,
+                         p.width, kind);
+      }
+      out += p.size;
+    }
+  }
+  return {data, sizes, info};
+}
+
+// ----------------------------------------------------------------------------- decoding
+
+// Python's repr of what the error messages print, so that they read as parse_header's.
+std::string py_tuple(const std::vector<uint64_t>& v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  if (v.size() == 1) s += ",";
+  return s + ")";
+}
+
+std::string py_bytes(const uint8_t* p, int n) {
+  bool squote = false, dquote = false;
+  for (int i = 0; i < n; ++i) {
+    squote |= p[i] == '\'';
+    dquote |= p[i] == '"';
+  }
+  const char q = (squote && !dquote) ? '"' : '\'';
+  std::string s = "b";
+  s += q;
+  for (int i = 0; i < n; ++i) {
+    const uint8_t c = p[i];
+    char buf[8];
+    if (c == q || c == '\\') {
+      s += '\\';
+      s += (char)c;
+    } else if (c == '\t') {
+      s += "\\t";
+    } else if (c == '\n') {
+      s += "\\n";
+    } else if (c == '\r') {
+      s += "\\r";
+    } else if (c < 0x20 || c >= 0x7F) {
+      std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+      s += buf;
+    } else {
+      s += (char)c;
+    }
+  }
+  return s + q;
+}
+
+// repr(float(x)): the shortest digits that round-trip, in Python's layout.
+std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  std::string sign = std::signbit(x) ? "-" : "";
+  x = std::fabs(x);
+  if (x == 0.0) return sign + "0.0";
+  char buf[64];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof(buf), "%.*e", prec - 1, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string m(buf);
+  const size_t epos = m.find('e');
+  const int exp10 = std::atoi(m.c_str() + epos + 1);
+  std::string digits;
+  for (size_t i = 0; i < epos; ++i)
+    if (m[i] != '.') digits += m[i];
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  const int nd = (int)digits.size();
+  const int decpt = exp10 + 1;
+  std::string s;
+  if (decpt <= -4 || decpt > 16) {
+    s = digits.substr(0, 1);
+    if (nd > 1) s += "." + digits.substr(1);
+    std::snprintf(buf, sizeof(buf), "e%c%02d", exp10 < 0 ? '-' : '+', std::abs(exp10));
+    s += buf;
+  } else if (decpt <= 0) {
+    s = "0." + std::string(-decpt, '0') + digits;
+  } else if (decpt >= nd) {
+    s = digits + std::string(decpt - nd, '0') + ".0";
+  } else {
+    s = digits.substr(0, decpt) + "." + digits.substr(decpt);
+  }
+  return sign + s;
+}
+
+// The exact decimal product of `dims` (Python's math.prod), for the "claims N elements"
+// message when it does not fit 64 bits.
+std::string big_product(const std::vector<uint64_t>& dims) {
+  std::vector<uint32_t> limbs = {1};  // base 1e9, least significant first
+  for (uint64_t d : dims) {
+    unsigned __int128 carry = 0;
+    for (uint32_t& l : limbs) {
+      const unsigned __int128 v = (unsigned __int128)l * d + carry;
+      l = (uint32_t)(v % 1000000000u);
+      carry = v / 1000000000u;
+    }
+    while (carry) {
+      limbs.push_back((uint32_t)(carry % 1000000000u));
+      carry /= 1000000000u;
+    }
+  }
+  while (limbs.size() > 1 && limbs.back() == 0) limbs.pop_back();
+  std::string s = std::to_string(limbs.back());
+  char buf[16];
+  for (size_t i = limbs.size() - 1; i-- > 0;) {
+    std::snprintf(buf, sizeof(buf), "%09u", limbs[i]);
+    s += buf;
+  }
+  return s;
+}
+
+struct Parsed {
+  int64_t numel = 0, bin_size = 0, n_sent = 0, header_bytes = 0;
+  int kind = 0;
+  bool nonfinite = false;
+  float scale = 0.0f;
+};
+
+[[noreturn]] void fail(const std::string& msg) {
+  TORCH_CHECK_VALUE(false, msg);
+  __builtin_unreachable();
+}
+
+// adacomp.payload.parse_header(buf, total_len, shape=expected): the same checks, in the same
+// order, with the same messages.
+Parsed parse_header(const uint8_t* buf, int64_t total_len, const std::vector<uint64_t>& expected) {
+  const int64_t n = std::min<int64_t>(total_len, 5 + (kMaxNdim + 2) * kMaxVarintBytes + 4);
+  if (n < 5) fail("adacomp payload truncated: " + std::to_string(n) + " bytes, a header needs at least 5");
+  if (buf[0] != 'A' || buf[1] != 'C')
+    fail("not an adacomp payload: magic " + py_bytes(buf, 2) + ", expected b'AC'");
+  if (buf[2] != kVersion)
+    fail("adacomp payload format version " + std::to_string(buf[2]) +
+         " is not supported (this build reads version 1)");
+  const uint8_t flags = buf[3];
+  if (flags & ~0x07) {
+    char f[16];
+    std::snprintf(f, sizeof(f), "%#04x", flags);
+    fail(std::string("adacomp payload has unknown flag bits set: ") + f);
+  }
+  Parsed h;
+  h.nonfinite = flags & 1;
+  h.kind = (flags >> 1) & 3;
+  const int ndim = buf[4];
+  if (ndim > kMaxNdim)
+    fail("adacomp payload claims " + std::to_string(ndim) + " dimensions (at most " +
+         std::to_string(kMaxNdim) + ")");
+  int64_t pos = 5;
+  auto varint = [&](const std::string& what) -> uint64_t {
+    uint64_t v = 0;
+    for (int i = 0; i < kMaxVarintBytes; ++i) {
+      if (pos + i >= n) fail("adacomp payload truncated inside the header field " + what);
+      const uint8_t byte = buf[pos + i];
+      v |= (uint64_t)(byte & 0x7F) << (7 * i);
+      if (!(byte & 0x80)) {
+        if (byte == 0 && i > 0) fail("adacomp payload header field " + what + " has a redundant zero byte");
+        pos += i + 1;
+        return v;
+      }
+    }
+    fail("adacomp payload header field " + what + " is longer than " + std::to_string(kMaxVarintBytes) +
+         " bytes");
+  };
+  std::vector<uint64_t> shape(ndim);
+  for (int i = 0; i < ndim; ++i) shape[i] = varint("shape[" + std::to_string(i) + "]");
+  const uint64_t bin_size = varint("bin_size");
+  const uint64_t n_sent = varint("n_sent");
+  // numel, saturated above 2^48 (then printed exactly)
+  uint64_t numel = 1;
+  bool huge = false;
+  for (uint64_t d : shape) {
+    if (d == 0) {
+      numel = 0;
+      huge = false;
+      break;
+    }
+    if (!huge && numel > (uint64_t)kMaxNumel / d) huge = true;
+    if (!huge) numel *= d;
+  }
+  if (huge || numel > (uint64_t)kMaxNumel)
+    fail("adacomp payload claims " + big_product(shape) + " elements (at most " + std::to_string(kMaxNumel) +
+         ")");
+  if (shape != expected)
+    fail("adacomp payload claims shape " + py_tuple(shape) + ", the receiver expects " + py_tuple(expected));
+  if (bin_size < 1 || bin_size > std::max<uint64_t>(numel, 1) || bin_size > (uint64_t)kMaxBinSize)
+    fail("adacomp payload has bin_size " + std::to_string(bin_size) + " for " + std::to_string(numel) +
+         " elements (must be between 1 and the element count)");
+  if (n_sent > numel)
+    fail("adacomp payload claims " + std::to_string(n_sent) + " sent elements of " + std::to_string(numel));
+  if ((h.nonfinite || h.kind == kValueDense) && n_sent != 0)
+    fail("adacomp payload: a non-finite or dense payload must have n_sent = 0");
+  if (h.kind == kValueTernary) {
+    if (pos + 4 > n) fail("adacomp payload truncated inside the header field scale");
+    uint32_t bits = 0;
+    for (int i = 0; i < 4; ++i) bits |= (uint32_t)buf[pos + i] << (8 * i);
+    h.scale = bits_float(bits);
+    pos += 4;
+    if (!h.nonfinite && n_sent && !(std::isfinite(h.scale) && h.scale > 0))
+      fail("adacomp payload has invalid scale " + py_float((double)h.scale) + " for sent elements");
+  }
+  h.numel = (int64_t)numel;
+  h.bin_size = (int64_t)bin_size;
+  h.n_sent = (int64_t)n_sent;
+  h.header_bytes = pos;
+  const BodyLayout l = body_layout(h.numel, h.bin_size, h.n_sent, h.kind);
+  const int64_t implied = pos + (h.nonfinite ? 0 : l.count_bytes + l.entry_bytes + l.value_bytes);
+  if (total_len != implied)
+    fail(std::string("adacomp payload ") + (total_len < implied ? "truncated" : "oversized") + ": " +
+         std::to_string(total_len) + " bytes, its header implies " + std::to_string(implied));
+  return h;
+}
+
+struct Entry {
+  int64_t out, start, end, row, offset, nbytes;
+  std::vector<uint64_t> shape;
+  Parsed head;
+  bool nonfinite = false;
+  const float* dense = nullptr;  // dense kind: the body's values (may be unaligned)
+  std::vector<int64_t> index;
+  std::vector<float> value;
+};
+
+// entries: per payload, [out, start, end, row, offset, nbytes, ndim, dims...]; consecutive
+// entries with the same (out, start, end) are one sum (in entry order) into that range of
+// outs[out], which is zeroed first (NaN if a payload of it is non-finite). Ranges must not
+// overlap. Every header and body is checked before anything is written.
+void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef entries) {
+  for (const at::Tensor& o : outs)
+    TORCH_CHECK_VALUE(o.scalar_type() == at::kFloat && o.is_contiguous() && o.device().is_cpu(),
+                      "adacomp::decode_bucket_: outputs must be contiguous fp32 CPU tensors");
+  for (const at::Tensor& r : rows)
+    TORCH_CHECK_VALUE(r.scalar_type() == at::kByte && r.dim() == 1 && r.is_contiguous() && r.device().is_cpu(),
+                      "adacomp::decode_bucket_: rows must be contiguous 1-D uint8 CPU tensors");
+  std::vector<Entry> ent;
+  for (size_t i = 0; i < entries.size();) {
+    TORCH_CHECK_VALUE(i + 7 <= entries.size() && entries[i + 6] >= 0 && i + 7 + entries[i + 6] <= entries.size(),
+                      "adacomp::decode_bucket_: malformed entry table");
+    Entry e;
+    e.out = entries[i];
+    e.start = entries[i + 1];
+    e.end = entries[i + 2];
+    e.row = entries[i + 3];
+    e.offset = entries[i + 4];
+    e.nbytes = entries[i + 5];
+    const int64_t nd = entries[i + 6];
+    uint64_t numel = 1;
+    for (int64_t d = 0; d < nd; ++d) {
+      e.shape.push_back((uint64_t)entries[i + 7 + d]);
+      numel *= (uint64_t)entries[i + 7 + d];
+    }
+    i += 7 + nd;
+    TORCH_CHECK_VALUE(e.out >= 0 && e.out < (int64_t)outs.size() && e.row >= 0 && e.row < (int64_t)rows.size(),
+                      "adacomp::decode_bucket_: entry names an output or row that does not exist");
+    TORCH_CHECK_VALUE(0 <= e.start && e.start <= e.end && e.end <= outs[e.out].numel() &&
+                          (uint64_t)(e.end - e.start) == numel,
+                      "adacomp::decode_bucket_: entry range does not match its output or shape");
+    TORCH_CHECK_VALUE(e.offset >= 0 && e.nbytes >= 0 && e.offset + e.nbytes <= rows[e.row].numel(),
+                      "adacomp::decode_bucket_: entry bytes lie outside their row");
+    ent.push_back(std::move(e));
+  }
+  // Groups of consecutive entries with one range; ranges must not overlap.
+  std::vector<size_t> group_start;
+  for (size_t i = 0; i < ent.size(); ++i)
+    if (i == 0 || ent[i].out != ent[i - 1].out || ent[i].start != ent[i - 1].start || ent[i].end != ent[i - 1].end)
+      group_start.push_back(i);
+  group_start.push_back(ent.size());
+  const size_t G = group_start.size() - 1;
+  {
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> ranges;
+    for (size_t g = 0; g < G; ++g) {
+      const Entry& e = ent[group_start[g]];
+      ranges.emplace_back(e.out, e.start, e.end);
+    }
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t g = 1; g < ranges.size(); ++g)
+      TORCH_CHECK_VALUE(std::get<0>(ranges[g]) != std::get<0>(ranges[g - 1]) ||
+                            std::get<1>(ranges[g]) >= std::get<2>(ranges[g - 1]),
+                        "adacomp::decode_bucket_: output ranges overlap");
+  }
+  // Validate: per group, every header (in order), then every body (in order), as
+  // Payload.from_tensor for each payload of a decompress_sum call, then the call.
+  for (size_t g = 0; g < G; ++g) {
+    for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
+      Entry& e = ent[i];
+      e.head = parse_header(rows[e.row].data_ptr<uint8_t>() + e.offset, e.nbytes, e.shape);
+    }
+    for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
+      Entry& e = ent[i];
+      const Parsed& h = e.head;
+      if (h.nonfinite) {
+        e.nonfinite = true;
+        continue;
+      }
+      const BodyLayout l = body_layout(h.numel, h.bin_size, h.n_sent, h.kind);
+      const uint8_t* body = rows[e.row].data_ptr<uint8_t>() + e.offset + h.header_bytes;
+      const int64_t nbody = e.nbytes - h.header_bytes;
+      int code;
+      if (h.kind == kValueDense) {
+        code = walk_body<false>(body, nbody, l, h.scale, nullptr);
+        e.dense = reinterpret_cast<const float*>(body);
+      } else {
+        e.index.reserve(h.n_sent);
+        e.value.reserve(h.n_sent);
+        code = visit_body(body, nbody, l, h.scale, [&e](int64_t j, float v) {
+          e.index.push_back(j);
+          e.value.push_back(v);
+        });
+      }
+      TORCH_CHECK_VALUE(code == kOk, "adacomp payload ", i - group_start[g], " is malformed: ",
+                        decode_error_message(code));
+    }
+  }
+  // Apply: each range zeroed, then its payloads added in order (the sum decompress_sum_
+  // forms); ranges are disjoint, so they run in parallel.
+  at::parallel_for(0, (int64_t)G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const Entry& first = ent[group_start[g]];
+      float* o = outs[first.out].data_ptr<float>() + first.start;
+      const int64_t len = first.end - first.start;
+      bool nonfinite = false;
+      for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) nonfinite |= ent[i].nonfinite;
+      if (nonfinite) {
+        std::fill(o, o + len, NAN);
+        continue;
+      }
+      std::fill(o, o + len, 0.0f);
+      for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
+        const Entry& e = ent[i];
+        if (e.dense) {
+          for (int64_t j = 0; j < len; ++j) {
+            float v;
+            std::memcpy(&v, e.dense + j, 4);
+            o[j] += v;
+          }
+        } else {
+          for (size_t j = 0; j < e.index.size(); ++j) o[e.index[j]] += e.value[j];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adacomp, CPU, m) {
+  m.impl("compress_bucket", &compress_bucket_cpu);
+  m.impl("decode_bucket_", &decode_bucket_cpu);
+}
+
+}  // namespace adacomp
