@@ -186,9 +186,9 @@ class AdaComp:
                     for s, e in bounds], None
         return payload.encode_split(n, L, counts, offsets, values, float(scale[0]), kind, bounds), (name, out)
 
-    def prepare_bucket(self, names, grads, bins, pieces: int = 1):
-        """:meth:`prepare` (``pieces == 1``) or :meth:`prepare_split` for a whole bucket at
-        once: one call into the extension on CPU (``adacomp::compress_bucket``), a loop over
+    def prepare_bucket(self, names, grads, bins, shards: int | None = None):
+        """:meth:`prepare` (``shards=None``) or :meth:`prepare_split` (into ``shards``
+        pieces) for a whole bucket at once: one call into the extension on CPU (``adacomp::compress_bucket``), a loop over
         the per-tensor path on the other backends; the same bytes either way.
 
         ``bins``: each tensor's bin size (an int: every tensor here is compressed; tensors
@@ -204,12 +204,12 @@ class AdaComp:
         if not (len(names) == len(grads) == len(bins)):
             raise ValueError(f"prepare_bucket: {len(names)} names, {len(grads)} gradients and "
                              f"{len(bins)} bin sizes")
-        if pieces < 1:
-            raise ValueError(f"prepare_bucket: pieces must be >= 1, got {pieces}")
+        if shards is not None and shards < 1:
+            raise ValueError(f"prepare_bucket: shards must be >= 1, got {shards}")
         native = bool(grads) and all(g.device.type == "cpu" for g in grads) and (
             self.device is None or self.device.type == "cpu") and ops.backend("cpu") == "cpp"
         if not native:
-            return self._prepare_bucket_loop(names, grads, bins, pieces)
+            return self._prepare_bucket_loop(names, grads, bins, shards)
         flats, residues, outs, Ls, shapes = [], [], [], [], []
         for name, grad, L in zip(names, grads, bins):
             flat, L = self._flat_input(name, grad, L)
@@ -222,7 +222,7 @@ class AdaComp:
         for i, f in enumerate(flats):  # spares taken only once every input is valid
             outs[i] = self._take_spare(f.numel(), f.device)
         data, sizes, info = torch.ops.adacomp.compress_bucket(
-            flats, residues, outs, Ls, shapes, pieces, SCALE_MODES[self.scale], VALUE_MODES[self.values])
+            flats, residues, outs, Ls, shapes, shards or 0, SCALE_MODES[self.scale], VALUE_MODES[self.values])
         info_l = info.tolist()
         pending = []
         for name, out, (_, nonfinite, _) in zip(names, outs, info_l):
@@ -235,13 +235,13 @@ class AdaComp:
                                     [int(x[2]) != 0 for x in info_l])
         return bp, pending
 
-    def _prepare_bucket_loop(self, names, grads, bins, pieces):
+    def _prepare_bucket_loop(self, names, grads, bins, shards):
         from .parallel.exchange import all_zero
 
         per, pending = [], []
         try:
             for name, grad, L in zip(names, grads, bins):
-                ps, pend = self._prepare(name, grad, pieces if pieces > 1 else None, L)
+                ps, pend = self._prepare(name, grad, shards, L)
                 per.append(ps)
                 pending.append(pend)
         except BaseException:

@@ -31,9 +31,10 @@ TORCH_LIBRARY(adacomp, m) {
   // ternary (sign bit above the offset), 1 fp16, 2 fp32. Returns uint8[body bytes].
   m.def("encode_body(Tensor counts, Tensor offsets, Tensor values, int offset_width, int kind) -> Tensor");
   // One call per bucket (CPU): select, residue update and the whole payload (header and
-  // body) of every gradient, into one byte buffer, pieces-major (piece s of every tensor,
-  // then piece s + 1; pieces > 1 splits each payload into bin-aligned shards). shapes holds
-  // per gradient its ndim, then its sizes. Returns (data uint8, sizes int64[pieces, T],
+  // body) of every gradient, into one byte buffer, piece-major (piece s of every tensor,
+  // then piece s + 1). pieces = 0: one payload per tensor, of its shape; pieces >= 1: that
+  // many bin-aligned 1-D shard payloads. shapes holds per gradient its ndim, then its
+  // sizes. Returns (data uint8, sizes int64[max(pieces, 1), T],
   // info int64[T, 3] = [n_sent, nonfinite, all-zero gradient]).
   m.def(
       "compress_bucket(Tensor[] grads, Tensor[] residues, Tensor(a!)[] residue_outs, int[] bin_sizes, "

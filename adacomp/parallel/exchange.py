@@ -28,7 +28,7 @@ and differs only in which collectives carry the bytes (a :class:`Transport`):
    * **dense**: the compressed tensors join the dense allreduce (residues kept).
 3. The integration all-gathers :meth:`gather_buffer` and all-reduces (sums)
    :meth:`dense_buffer`.
-4. :meth:`finish` decodes in rank order with ``decompress_sum``, averages, and writes the
+4. :meth:`finish` decodes in rank order (``decode_bucket_``: one call for the group), averages, and writes the
    results into the output tensors.
 
 Because every rank decodes the same bytes in the same order, the compressed tensors come
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compressor import AdaComp
-from ..payload import Payload, decompress_sum, shard_bounds
+from ..payload import Payload, decode_bucket_, shard_bounds
 from ..stats import TrafficStats, layer_kind, ring_allreduce_received
 
 META_MAGIC = 0xADAC04
@@ -731,29 +731,36 @@ class GroupExchange:
         self.split = exchange == "sharded" or (exchange == "auto" and self.plan in (None, "sharded"))
         self.pieces = world if self.split else 1
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
-        self.payloads: list[list[Payload] | None] = []
-        self.pending = []
+        # Every tensor that is compressed goes through one call (AdaComp.prepare_bucket):
+        # its payloads lie in one buffer, self.bucket, at index self.slot[t].
+        T = len(self.grads)
+        chosen = [t for t in range(T) if self.bins[t] is not None and self.plan != "dense"]
+        self.slot = {t: i for i, t in enumerate(chosen)}
+        self.bucket = None
+        self.pending = [None] * T
+        if chosen:
+            try:
+                self.bucket, pend = comp.prepare_bucket([self.names[t] for t in chosen],
+                                                        [self.grads[t] for t in chosen],
+                                                        [self.bins[t] for t in chosen],
+                                                        self.pieces if self.split else None)
+            except BaseException:
+                self._discard_all()
+                raise
+            for t, p in zip(chosen, pend):
+                self.pending[t] = p
+            piece_sizes = self.bucket.sizes.t().tolist()
         flags, sizes = [], []
-        try:
-            for n, g, b in zip(self.names, self.grads, self.bins):
-                if b is None or self.plan == "dense":
-                    self.payloads.append(None)
-                    self.pending.append(None)
-                    sizes += [-1] * world
-                    flags.append(dense_flags(g))
-                    continue
-                if self.split:
-                    ps, pend = comp.prepare_split(n, g, self.pieces)
-                else:
-                    p, pend = comp.prepare(n, g)
-                    ps = [p]
-                self.payloads.append(ps)
-                self.pending.append(pend)
-                sizes += [p.nbytes for p in ps] + [0] * (world - len(ps))
-                flags.append(FLAG_NONFINITE if ps[0].nonfinite else (FLAG_ZERO if all_zero(g) else 0))
-        except BaseException:
-            self._discard_all()
-            raise
+        pad = [0] * (world - self.pieces)
+        for t, g in enumerate(self.grads):
+            i = self.slot.get(t)
+            if i is None:
+                sizes += [-1] * world
+                flags.append(dense_flags(g))
+            else:
+                sizes += piece_sizes[i] + pad
+                flags.append(FLAG_NONFINITE if self.bucket.nonfinite[i] else
+                             (FLAG_ZERO if self.bucket.zero[i] else 0))
         self.hash = config_hash(comp, self.names, self.grads, self.bins, exchange)
         device = grads[0].device if grads else torch.device("cpu")
         plan = self.planner.header_fields(self.plan_key) if self.planner is not None else None
@@ -762,7 +769,8 @@ class GroupExchange:
         self.owner_pending_used: list[str] = []
         self.decisions: list[int] | None = None
         self.mode = None
-        self.owner_payloads: list[Payload] = []
+        self.owner_payloads: list[torch.Tensor] = []  # the owner's payload bytes per compressed tensor
+        self.owner_nonfinite: list[bool] = []
         self.owner_size_table = None
 
     # -------------------------------------------------------------- step 1: metadata
@@ -877,9 +885,8 @@ class GroupExchange:
     # -------------------------------------------------------------- sharded: owners
     def alltoall_parts(self) -> list[torch.Tensor]:
         """Per owner ``s``: this rank's shard-``s`` payloads of the compressed tensors."""
-        device = self._device()
-        return [self._cat([self.payloads[t][s].tensor for t in self.compressed], device)
-                for s in range(self.world)]
+        slots = [self.slot[t] for t in self.compressed]
+        return [self.bucket.select(slots, [s]) for s in range(self.world)]
 
     def alltoall_recv_sizes(self) -> list[int]:
         return [int(self.sizes[r, self.compressed, self.rank].sum()) for r in range(self.world)]
@@ -889,50 +896,64 @@ class GroupExchange:
         average, and re-compress with the owner residues (committed with the step's other
         residue updates)."""
         W, me = self.world, self.rank
+        device = self._device()
         offsets = [0] * W
-        self.owner_payloads = []
-        for t in self.compressed:
+        avgs, entries = [], []
+        for i, t in enumerate(self.compressed):
             start, end = self.bounds[t][me]
-            plist = []
+            avgs.append(torch.empty(end - start, dtype=torch.float32, device=device))
             for r in range(W):
                 size = int(self.sizes[r, t, me])
-                plist.append(Payload.from_tensor(received[r][offsets[r]:offsets[r] + size],
-                                                 shape=(end - start,)))
+                entries.append((i, 0, end - start, r, offsets[r], size, (end - start,)))
                 offsets[r] += size
-            avg = torch.zeros(end - start, dtype=torch.float32, device=self._device())
-            decompress_sum(plist, avg, name=self.names[t])
+        decode_bucket_(avgs, received, entries)
+        keys, inputs, bins, where = [], [], [], []
+        self.owner_payloads = [None] * len(self.compressed)
+        self.owner_nonfinite = [False] * len(self.compressed)
+        for i, t in enumerate(self.compressed):
+            start, end = self.bounds[t][me]
             if end == start:  # fewer bins than ranks: nothing to own (and no residue to keep)
-                self.owner_payloads.append(plist[0])
+                first = [e for e in entries if e[0] == i][0]
+                p = Payload.from_tensor(received[0][first[4]:first[4] + first[5]], shape=(0,))
+                self.owner_payloads[i], self.owner_nonfinite[i] = p.tensor, p.nonfinite
                 if self.names[t] in self.owner_pending:
                     self.owner_pending_used.append(self.names[t])
                 continue
-            avg.div_(W)
+            avg = avgs[i].div_(W)
             key = owner_key(self.names[t], start, end)
             seed = self.owner_pending.get(self.names[t])
             if seed is not None and key not in self.owner.names():
                 # owner residue carried over from a run of another world size
                 self.owner.set_residue(key, seed[start:end].to(avg.device))
                 self.owner_pending_used.append(self.names[t])
-            p, pend = self.owner.prepare(key, avg, bin_size=max(1, min(self.bins[t], end - start)))
-            if self.ledger is None:
-                self.owner.commit(pend)
-            else:
-                self.ledger.add(self.owner, pend)
-            self.owner_payloads.append(p)
+            keys.append(key)
+            inputs.append(avg)
+            bins.append(max(1, min(self.bins[t], end - start)))
+            where.append(i)
+        if keys:
+            owned, pend = self.owner.prepare_bucket(keys, inputs, bins)
+            for j, (i, pe) in enumerate(zip(where, pend)):
+                if self.ledger is None:
+                    self.owner.commit(pe)
+                else:
+                    self.ledger.add(self.owner, pe)
+                self.owner_payloads[i] = owned.piece(j)
+                self.owner_nonfinite[i] = owned.nonfinite[j]
         for name in self.owner_pending_used:
             self.owner_pending.pop(name, None)
 
     def owner_sizes(self) -> torch.Tensor:
         """This owner's payload sizes, then their non-finite flags (the average of finite
         shards can overflow), one each per compressed tensor."""
-        sizes = [p.nbytes for p in self.owner_payloads]
-        flags = [int(p.nonfinite) for p in self.owner_payloads]
+        sizes = [p.numel() for p in self.owner_payloads]
+        flags = [int(x) for x in self.owner_nonfinite]
         return torch.tensor(sizes + flags, dtype=torch.int64, device=self._device())
 
     def set_owner_sizes(self, all_sizes: torch.Tensor) -> None:
         table = all_sizes.reshape(self.world, -1).cpu()
         n = len(self.compressed)
         self.owner_size_table = table[:, :n]
+        self.owner_flags = table[:, n:]
         if bool(table[:, n:].any()):  # an owner's average overflowed: the step is skipped
             self.nonfinite = True
             if self.ledger is not None:
@@ -947,12 +968,10 @@ class GroupExchange:
 
     def gather_buffer(self) -> torch.Tensor:
         """This rank's bytes for the payload all-gather: its payloads of the compressed
-        tensors (allgather), or its owner payloads (sharded)."""
+        tensors, piece-major (allgather), or its owner payloads (sharded)."""
         if self.mode == "sharded":
-            parts = [p.tensor for p in self.owner_payloads]
-        else:
-            parts = [p.tensor for t in self.compressed for p in self.payloads[t]]
-        return self._cat(parts, self._device())
+            return self._cat(self.owner_payloads, self._device())
+        return self.bucket.select([self.slot[t] for t in self.compressed])
 
     def payload_buffer(self) -> torch.Tensor | None:
         """:meth:`gather_buffer` padded to the longest rank's (for a plain all-gather that
@@ -987,35 +1006,7 @@ class GroupExchange:
         each rank's bytes is ignored)."""
         W = self.world
         if self.compressed:
-            rows = [gathered[r] for r in range(W)]
-            offsets = [0] * W
-
-            def take(r, size, shape):
-                p = Payload.from_tensor(rows[r][offsets[r]:offsets[r] + size], shape=shape)
-                offsets[r] += size
-                return p
-
-            for i, t in enumerate(self.compressed):
-                out = torch.zeros(self.grads[t].numel(), dtype=torch.float32, device=self.outputs[t].device)
-                nonfinite = False
-                if self.mode == "sharded":  # rank s holds the averaged shard s
-                    for s, (start, end) in enumerate(self.bounds[t]):
-                        p = take(s, int(self.owner_size_table[s, i]), (end - start,))
-                        nonfinite |= p.nonfinite
-                        decompress_sum([p], out[start:end], name=self.names[t])
-                else:
-                    pieces = self.bounds[t] if self.split else [(0, out.numel())]
-                    for s, (start, end) in enumerate(pieces):
-                        shape = (end - start,) if self.split else tuple(self.grads[t].shape)
-                        plist = [take(r, int(self.sizes[r, t, s]), shape) for r in range(W)]
-                        if not self.split:
-                            decompress_sum(plist, out.view(self.grads[t].shape), name=self.names[t])
-                        else:
-                            decompress_sum(plist, out[start:end], name=self.names[t])
-                    out.div_(W)
-                if nonfinite:  # an owner's average overflowed: the whole tensor is non-finite
-                    out.fill_(float("nan"))
-                self.outputs[t].copy_(out.view(self.grads[t].shape))
+            self._decode(gathered)
         if self.dense:
             dense_sum = dense_sum.div_(W) if dense_sum.is_floating_point() else dense_sum
             pos = 0
@@ -1030,6 +1021,51 @@ class GroupExchange:
                 self.outputs[t].zero_()
         if self.planner is not None:
             self.planner.record(self.plan_key, self.plan, time.perf_counter() - self._t0)
+
+    def _decode(self, gathered) -> None:
+        """Every compressed tensor's payloads, decoded with one :func:`decode_bucket_` call
+        into the outputs (through an fp32 buffer where an output is not fp32)."""
+        W, comp = self.world, self.compressed
+        rows = [gathered[r] for r in range(W)]
+        outs, copies = [], []
+        for t in comp:
+            o = self.outputs[t]
+            if o.dtype == torch.float32 and o.is_contiguous() and o.numel() == self.grads[t].numel():
+                outs.append(o)
+            else:
+                outs.append(torch.empty(self.grads[t].numel(), dtype=torch.float32, device=o.device))
+                copies.append(len(outs) - 1)
+        entries = []
+        nonfinite = [False] * len(comp)
+        if self.mode == "sharded":  # rank s holds the averaged shard s of every tensor, in order
+            starts = (torch.cumsum(self.owner_size_table, 1) - self.owner_size_table).tolist()
+            sizes = self.owner_size_table.tolist()
+            for i, t in enumerate(comp):
+                for s, (start, end) in enumerate(self.bounds[t]):
+                    entries.append((i, start, end, s, starts[s][i], sizes[s][i], (end - start,)))
+        else:  # rank r's bytes: piece 0 of every compressed tensor, then piece 1, ...
+            S = self.pieces
+            sz = self.sizes[:, comp, :].permute(0, 2, 1).reshape(W, S * len(comp))  # [W, S*T] piece-major
+            starts = (torch.cumsum(sz, 1) - sz).tolist()
+            sz = sz.tolist()
+            for i, t in enumerate(comp):
+                pieces = self.bounds[t] if self.split else [(0, self.grads[t].numel())]
+                for s, (start, end) in enumerate(pieces):
+                    shape = (end - start,) if self.split else tuple(self.grads[t].shape)
+                    j = s * len(comp) + i
+                    entries += [(i, start, end, r, starts[r][j], sz[r][j], shape) for r in range(W)]
+        decode_bucket_(outs, rows, entries)
+        if self.mode == "sharded":
+            flags = self.owner_flags.tolist()
+            nonfinite = [any(flags[s][i] for s in range(W)) for i in range(len(comp))]
+        else:
+            torch._foreach_div_(outs, W)
+        for i, t in enumerate(comp):
+            if nonfinite[i]:  # an owner's average overflowed: the whole tensor is non-finite
+                outs[i].fill_(float("nan"))
+        for i in copies:
+            t = comp[i]
+            self.outputs[t].copy_(outs[i].view(self.grads[t].shape))
 
     def account(self, stats: TrafficStats, padded: bool = True) -> None:
         """Add this exchange's bytes to ``stats``: bytes handed to collectives by this rank
@@ -1046,7 +1082,7 @@ class GroupExchange:
             if d == COMPRESSED:
                 if sharded:  # the all-to-all (to the other owners) and this rank's owner payload
                     size = int(self.sizes[me, t, :].sum() - self.sizes[me, t, me])
-                    size += owner_payload[t].nbytes
+                    size += owner_payload[t].numel()
                 else:
                     size = int(self.sizes[me, t, :].sum())
                 own += size

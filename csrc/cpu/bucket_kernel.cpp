@@ -90,7 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
   TORCH_CHECK_VALUE((int64_t)residues.size() == T && (int64_t)residue_outs.size() == T &&
                         (int64_t)bin_sizes.size() == T,
                     "adacomp::compress_bucket: one residue, residue_out and bin size per gradient");
-  TORCH_CHECK_VALUE(pieces >= 1, "adacomp::compress_bucket: pieces must be >= 1, got ", pieces);
+  TORCH_CHECK_VALUE(pieces >= 0, "adacomp::compress_bucket: pieces must be >= 0, got ", pieces);
+  const bool split = pieces > 0;  // 0: one payload of the tensor's shape
+  if (!split) pieces = 1;
   const int kind = (int)value_mode;
   std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> sel;
   sel.reserve(T);
@@ -126,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     inf[3 * t + 1] = bad ? 1 : 0;
     inf[3 * t + 2] = zero ? 1 : 0;
     std::vector<Piece>& ps = layout[t];
-    if (pieces == 1) {
+    if (!split) {
       Piece p;
       p.header = encode_header(dims, ndim, L, bad ? 0 : k, kind, bad, bad ? NAN : scale);
       p.b1 = counts.numel();
