@@ -32,7 +32,7 @@ model before and after.
 
 For the AdaComp variants the hook's time is broken down by wrapping, inside the workers,
 the functions the hook calls (``adacomp/parallel`` is not changed): *compress*
-(``state.compressor.prepare`` / ``prepare_split``), *setup* (the rest of building the
+(``state.compressor.prepare_bucket``, or ``prepare`` / ``prepare_split``), *setup* (the rest of building the
 exchange: configuration hash, size vector), *sizes* (the all-gathers of payload sizes, and
 ``decide``), *a2a* and *owner* (sharded: the all-to-all to the shard owners; the owners'
 decoding and re-compression), *payload* (from handing the payload to its all-gather until
@@ -203,6 +203,7 @@ def instrument_state(state):
     comp = state.compressor
     comp.prepare = _timed(comp.prepare, "compress")
     comp.prepare_split = _timed(comp.prepare_split, "compress")
+    comp.prepare_bucket = _timed(comp.prepare_bucket, "compress")
 
 
 def timed_hook(hook):

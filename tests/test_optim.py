@@ -110,3 +110,32 @@ def test_sparse_gradient_raises():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         FrozenVarianceAdamW(emb.parameters(), freeze_step=1).step()
+
+
+def test_frozen_denominator_is_computed_once_and_changes_nothing():
+    """After the freeze sqrt(v_hat) + eps is kept per parameter instead of recomputed: the
+    steps are bit-identical to recomputing it every step (a fresh cache each step), it is
+    rebuilt after load_state_dict, and it is not part of the saved state."""
+    a, b = _params(), _params()
+    cached = FrozenVarianceAdamW(a, freeze_step=3, **HP)
+    fresh = FrozenVarianceAdamW(b, freeze_step=3, **HP)
+    grads = [_grads(s, a) for s in range(9)]
+    for gs in grads:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        cached.step()
+        fresh._frozen.clear()
+        fresh.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    assert len(cached._frozen) == len(a)
+    denom = [cached._frozen[p][2] for p in a]
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in cached.state_dict()["state"].values())
+    state = copy.deepcopy(cached.state_dict())
+    cached.load_state_dict(state)
+    assert not cached._frozen
+    for p, g in zip(a, _grads(50, a)):
+        p.grad = g
+    cached.step()
+    for p, d in zip(a, denom):
+        assert torch.equal(cached._frozen[p][2], d)
