@@ -93,6 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--overlap", default="default", choices=["default", "on", "off"],
                    help="AdaComp: AdaCompState(overlap=...) where the installed hook has it "
                         "(default: the library's default)")
+    p.add_argument("--adamw", default="plain", choices=["plain", "frozen"],
+                   help="the GPT's optimizer, the same for every variant: torch.optim.AdamW "
+                        "(plain) or adacomp.optim.FrozenVarianceAdamW frozen after the warm-up "
+                        "steps (frozen; the README's recipe for AdaComp)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--sequential", action="store_true",
                    help="one variant after another (default: timed steps interleaved round by round)")
@@ -284,16 +288,19 @@ def build(name):
     return build_model("gpt", preset="gpt")  # the shape: vocab 2048, 5.8 M parameters
 
 
-def make_optimizer(name, model):
+def make_optimizer(name, model, cfg):
     import torch
 
     s = MODEL_SETTINGS[name]
     if s["optimizer"] == "adamw":
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                  {"params": rest, "weight_decay": 0.0}],
-                                 lr=s["lr"], betas=(0.9, 0.95))
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+        if cfg["adamw"] == "frozen":
+            from adacomp.optim import FrozenVarianceAdamW
+
+            return FrozenVarianceAdamW(groups, lr=s["lr"], betas=(0.9, 0.95), freeze_step=cfg["warmup"])
+        return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.95))
     return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s.get("momentum", 0.9))
 
 
@@ -338,7 +345,7 @@ class VariantRun:
         torch.manual_seed(cfg["seed"])  # every variant starts from the same weights
         self.name, self.variant, self.batches, self.world, self.cfg = name, variant, batches, world, cfg
         self.model = build(name)
-        self.opt = make_optimizer(name, self.model)
+        self.opt = make_optimizer(name, self.model, cfg)
         self.ddp = DDP(self.model)
         self.state = attach(self.ddp, self.model, variant, cfg)
         self.done = 0
@@ -487,7 +494,7 @@ def run_world(world, args) -> dict:
     try:
         cfg = {"models": args.models, "variants": args.variants, "steps": args.steps, "warmup": args.warmup,
                "seed": args.seed, "threads": args.threads, "synthetic": args.synthetic,
-               "powersgd_rank": args.powersgd_rank, "overlap": args.overlap, "out_dir": out_dir,
+               "powersgd_rank": args.powersgd_rank, "overlap": args.overlap, "adamw": args.adamw, "out_dir": out_dir,
                "interleave": not args.sequential}
         config = os.path.join(out_dir, "config.json")
         with open(config, "w") as f:
@@ -625,7 +632,9 @@ def table(res) -> str:
                           for w, v in meta["per_world"].items())]
     lines.append("models: " + "; ".join(
         f"{m} {i['params'] / 1e6:.2f} M params in {i['tensors']} tensors, batch {i['batch']}"
-        + (f"x{i['seq_len']}" if "seq_len" in i else "") + f", {i['optimizer']}, {i['data']}"
+        + (f"x{i['seq_len']}" if "seq_len" in i else "") + f", {i['optimizer']}"
+        + (" (FrozenVarianceAdamW, frozen after the warm-up)" if i["optimizer"] == "adamw"
+           and meta.get("adamw") == "frozen" else "") + f", {i['data']}"
         for m, i in meta["model_info"].items()))
     return "\n".join(lines)
 
@@ -643,7 +652,7 @@ def main(argv=None) -> dict:
     meta = {"command": " ".join(["python", os.path.relpath(__file__, ROOT)] + cli),
             "models": args.models, "variants": args.variants, "ranks": args.ranks, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "powersgd_rank": args.powersgd_rank,
-            "overlap": args.overlap, "synthetic": args.synthetic, "interleaved": not args.sequential,
+            "overlap": args.overlap, "adamw": args.adamw, "synthetic": args.synthetic, "interleaved": not args.sequential,
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "adacomp_backend": adacomp.ops.backend(),
             "python": platform.python_version(),
