@@ -188,8 +188,9 @@ class AdaComp:
 
     def prepare_bucket(self, names, grads, bins, shards: int | None = None):
         """:meth:`prepare` (``shards=None``) or :meth:`prepare_split` (into ``shards``
-        pieces) for a whole bucket at once: one call into the extension on CPU (``adacomp::compress_bucket``), a loop over
-        the per-tensor path on the other backends; the same bytes either way.
+        pieces) for a whole bucket at once: one call into the extension on CPU
+        (``adacomp::compress_bucket``), a loop over the per-tensor path on the other
+        backends; the same bytes either way.
 
         ``bins``: each tensor's bin size (an int: every tensor here is compressed; tensors
         sent dense by rule stay out of the bucket). Returns a

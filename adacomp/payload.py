@@ -623,7 +623,8 @@ def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entr
             groups.append((e[:3], [e]))
     done = []
     for (o, start, end), items in groups:
-        plist = [Payload.from_tensor(rows[r][off:off + nb], shape=shape) for _, _, _, r, off, nb, shape in items]
+        plist = [Payload.from_tensor(rows[r][off:off + nb], shape=shape)
+                 for _, _, _, r, off, nb, shape in items]
         tmp = torch.zeros(items[0][6], dtype=torch.float32, device=outs[o].device)
         decompress_sum(plist, tmp)
         done.append((o, start, end, tmp))

@@ -494,7 +494,8 @@ def run_world(world, args) -> dict:
     try:
         cfg = {"models": args.models, "variants": args.variants, "steps": args.steps, "warmup": args.warmup,
                "seed": args.seed, "threads": args.threads, "synthetic": args.synthetic,
-               "powersgd_rank": args.powersgd_rank, "overlap": args.overlap, "adamw": args.adamw, "out_dir": out_dir,
+               "powersgd_rank": args.powersgd_rank, "overlap": args.overlap, "adamw": args.adamw,
+               "out_dir": out_dir,
                "interleave": not args.sequential}
         config = os.path.join(out_dir, "config.json")
         with open(config, "w") as f:
@@ -652,7 +653,8 @@ def main(argv=None) -> dict:
     meta = {"command": " ".join(["python", os.path.relpath(__file__, ROOT)] + cli),
             "models": args.models, "variants": args.variants, "ranks": args.ranks, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "powersgd_rank": args.powersgd_rank,
-            "overlap": args.overlap, "adamw": args.adamw, "synthetic": args.synthetic, "interleaved": not args.sequential,
+            "overlap": args.overlap, "adamw": args.adamw, "synthetic": args.synthetic,
+            "interleaved": not args.sequential,
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "adacomp_backend": adacomp.ops.backend(),
             "python": platform.python_version(),

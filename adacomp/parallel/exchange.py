@@ -28,8 +28,8 @@ and differs only in which collectives carry the bytes (a :class:`Transport`):
    * **dense**: the compressed tensors join the dense allreduce (residues kept).
 3. The integration all-gathers :meth:`gather_buffer` and all-reduces (sums)
    :meth:`dense_buffer`.
-4. :meth:`finish` decodes in rank order (``decode_bucket_``: one call for the group), averages, and writes the
-   results into the output tensors.
+4. :meth:`finish` decodes in rank order (one ``decode_bucket_`` call for the group),
+   averages, and writes the results into the output tensors.
 
 Because every rank decodes the same bytes in the same order, the compressed tensors come
 out bit-identical on every rank and in every integration. :func:`run_exchange` drives the
@@ -1060,9 +1060,9 @@ class GroupExchange:
             nonfinite = [any(flags[s][i] for s in range(W)) for i in range(len(comp))]
         else:
             torch._foreach_div_(outs, W)
-        for i, t in enumerate(comp):
-            if nonfinite[i]:  # an owner's average overflowed: the whole tensor is non-finite
-                outs[i].fill_(float("nan"))
+        for out, bad in zip(outs, nonfinite):
+            if bad:  # an owner's average overflowed: the whole tensor is non-finite
+                out.fill_(float("nan"))
         for i in copies:
             t = comp[i]
             self.outputs[t].copy_(outs[i].view(self.grads[t].shape))
