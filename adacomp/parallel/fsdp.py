@@ -27,8 +27,8 @@ How one reduce-scatter call of an FSDP parameter group runs (docs/fsdp.md):
   (compressed, dense by rule, dense fallback, non-finite, zero) and learns every flag.
 * One ``all_to_all_single`` of bytes: each owner receives its pieces (payloads, or the raw
   values of dense pieces) from every rank.
-* The owner decodes in rank order (``decompress_sum``; dense pieces summed in fp32 in rank
-  order) and applies FSDP's reduce op (``AVG``: divide by ``W``; ``SUM``: as is, FSDP
+* The owner decodes in rank order (one ``decode_bucket_`` call; dense pieces summed in fp32
+  in rank order) and applies FSDP's reduce op (``AVG``: divide by ``W``; ``SUM``: as is, FSDP
   divides before/after itself; ``PREMUL_SUM(f)``: multiply the sum by ``f``) into
   ``output_tensor``.
 
@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from ..payload import Payload, decompress_sum
+from ..payload import decode_bucket_
 from ..stats import TrafficStats, layer_kind
 from .exchange import (
     COMPRESSED,
@@ -64,7 +64,6 @@ from .exchange import (
     ZERO,
     ConfigMismatchError,
     ExchangeState,
-    all_zero,
     check_headers,
     check_start_iter,
     config_hash,
@@ -196,45 +195,44 @@ class _ChunkExchange:
             self.offsets.append(off)
             off += p.chunk_numel
         self.pieces: list[list[torch.Tensor | None]] = []
-        self.payloads: list[list[Payload | None]] = []
-        self.pending: list[list] = []
-        sizes, flags = [], []
-        try:
-            for t, p in enumerate(params):
-                pieces, payloads, pending = [], [], []
-                nonfinite, zero = False, True
-                for dst in range(W):
-                    r0, r1 = p.rows(dst)
-                    if r1 == r0:
-                        pieces.append(None)
-                        payloads.append(None)
-                        pending.append(None)
-                        sizes.append(0)
-                        continue
-                    o = self.offsets[t]
-                    piece = x[dst, o:o + (r1 - r0) * p.row].view(p.piece_shape(dst))
-                    pieces.append(piece)
-                    if p.bin_size is None:
-                        payloads.append(None)
-                        pending.append(None)
-                        sizes.append(-1)
-                        f = dense_flags(piece)
-                        nonfinite |= bool(f & FLAG_NONFINITE)
-                        zero &= bool(f & FLAG_ZERO)
-                        continue
-                    pl, pend = self.comp.prepare(piece_key(p.name, r0, r1), piece, bin_size=p.bin_size)
-                    payloads.append(pl)
-                    pending.append(pend)
-                    sizes.append(pl.nbytes)
-                    nonfinite |= pl.nonfinite
-                    zero = zero and not nonfinite and all_zero(piece)
-                self.pieces.append(pieces)
-                self.payloads.append(payloads)
-                self.pending.append(pending)
-                flags.append(FLAG_NONFINITE if nonfinite else (FLAG_ZERO if zero else 0))
-        except BaseException:
-            self._discard_all()
-            raise
+        # payload bytes per (parameter, destination), all compressed with one call
+        self.payloads: list[list[torch.Tensor | None]] = [[None] * W for _ in range(T)]
+        self.pending: list[list] = [[None] * W for _ in range(T)]
+        sizes = [0] * (T * W)
+        nonfinite, zero = [False] * T, [True] * T
+        todo = []  # (t, dst, key, piece) to compress
+        for t, p in enumerate(params):
+            pieces = []
+            for dst in range(W):
+                r0, r1 = p.rows(dst)
+                if r1 == r0:
+                    pieces.append(None)
+                    continue
+                o = self.offsets[t]
+                piece = x[dst, o:o + (r1 - r0) * p.row].view(p.piece_shape(dst))
+                pieces.append(piece)
+                if p.bin_size is None:
+                    sizes[t * W + dst] = -1
+                    f = dense_flags(piece)
+                    nonfinite[t] |= bool(f & FLAG_NONFINITE)
+                    zero[t] &= bool(f & FLAG_ZERO)
+                else:
+                    todo.append((t, dst, piece_key(p.name, r0, r1), piece))
+            self.pieces.append(pieces)
+        if todo:
+            try:
+                bp, pend = self.comp.prepare_bucket([k for _, _, k, _ in todo], [g for *_, g in todo],
+                                                    [params[t].bin_size for t, *_ in todo])
+            except BaseException:
+                self._discard_all()
+                raise
+            for i, (t, dst, _, _) in enumerate(todo):
+                self.payloads[t][dst] = bp.piece(i)
+                self.pending[t][dst] = pend[i]
+                sizes[t * W + dst] = int(bp.sizes[0, i])
+                nonfinite[t] |= bp.nonfinite[i]
+                zero[t] = zero[t] and not nonfinite[t] and bp.zero[i]
+        flags = [FLAG_NONFINITE if nf else (FLAG_ZERO if z else 0) for nf, z in zip(nonfinite, zero)]
         metas = [torch.empty(p.shape, dtype=self.dtype, device="meta") for p in params]
         self.hash = config_hash(self.comp, [p.name for p in params], metas,
                                 [p.bin_size for p in params], f"{EXCHANGE_NAME}/W={W}")
@@ -330,7 +328,7 @@ class _ChunkExchange:
             for t in range(len(self.params)):
                 d = self.piece_dec[t][dst]
                 if d == COMPRESSED:
-                    bufs.append(self.payloads[t][dst].tensor.to(self.device))
+                    bufs.append(self.payloads[t][dst].to(self.device))
                 elif d in (DENSE_RULE, DENSE_FALLBACK):
                     bufs.append(self.pieces[t][dst].contiguous().view(-1).view(torch.uint8))
             parts.append(torch.cat(bufs) if bufs else torch.empty(0, dtype=torch.uint8, device=self.device))
@@ -346,7 +344,23 @@ class _ChunkExchange:
         Returns whether a sum of finite values overflowed."""
         kind, factor = _reduce_factor(op)
         W, me = self.world, self.rank
+        # Where each piece lies in each rank's bytes; then every compressed piece decoded
+        # (and validated, before anything is written) with one call.
         cursor = [0] * W
+        at = []
+        for t in range(len(self.params)):
+            at.append(list(cursor))
+            for r in range(W):
+                cursor[r] += self._wire_bytes(r, t, me)
+        accs, entries = {}, []
+        for t, p in enumerate(self.params):
+            if self.piece_dec[t][me] == COMPRESSED:
+                r0, r1 = p.rows(me)
+                accs[t] = torch.empty((r1 - r0) * p.row, dtype=torch.float32, device=out.device)
+                entries += [(len(accs) - 1, 0, (r1 - r0) * p.row, r, at[t][r], int(self.sizes[r, t, me]),
+                             tuple(p.piece_shape(me))) for r in range(W)]
+        if accs:
+            decode_bucket_(list(accs.values()), received, entries)
         overflow = False
         for t, p in enumerate(self.params):
             o = self.offsets[t]
@@ -358,21 +372,12 @@ class _ChunkExchange:
             d = self.piece_dec[t][me]
             if d == EMPTY:
                 continue
-            shape = p.piece_shape(me)
-            acc = torch.zeros(n, dtype=torch.float32, device=out.device)
-            if d == COMPRESSED:
-                plist = []
-                for r in range(W):
-                    size = int(self.sizes[r, t, me])
-                    plist.append(Payload.from_tensor(received[r][cursor[r]:cursor[r] + size], shape=shape))
-                    cursor[r] += size
-                decompress_sum(plist, acc.view(shape), name=p.name)
-            elif d in (DENSE_RULE, DENSE_FALLBACK):
+            acc = accs[t] if d == COMPRESSED else torch.zeros(n, dtype=torch.float32, device=out.device)
+            if d in (DENSE_RULE, DENSE_FALLBACK):
                 nbytes = n * self.esize
                 for r in range(W):
-                    raw = received[r][cursor[r]:cursor[r] + nbytes].clone()  # clone: realign
+                    raw = received[r][at[t][r]:at[t][r] + nbytes].clone()  # clone: realign
                     acc.add_(raw.view(self.dtype).to(torch.float32))
-                    cursor[r] += nbytes
             elif d == NONFINITE:
                 acc.fill_(float("nan"))
             if d in (COMPRESSED, DENSE_RULE, DENSE_FALLBACK):
