@@ -142,6 +142,19 @@ class AdaComp:
         return self._prepare(name, grad, shards, bin_size)
 
     def _prepare(self, name, grad, shards, bin_size):
+        if isinstance(grad, torch.Tensor) and self._native(grad):
+            L = bin_size if bin_size is not None else self.bin_size_for(name, grad)
+            if L is not None:  # one call into the extension, as for a bucket of one
+                bp, pending = self._prepare_bucket_native([name], [grad], [L], shards)
+                return [payload.Payload(bp.piece(0, s)) for s in range(bp.pieces)], pending[0]
+        return self._prepare_loop(name, grad, shards, bin_size)
+
+    def _native(self, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` goes through the C++ bucket op (CPU tensors, C++ backend)."""
+        return grad.device.type == "cpu" and (self.device is None or self.device.type == "cpu") \
+            and ops.backend("cpu") == "cpp"
+
+    def _prepare_loop(self, name, grad, shards, bin_size):
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
         if not grad.is_floating_point():
@@ -207,10 +220,11 @@ class AdaComp:
                              f"{len(bins)} bin sizes")
         if shards is not None and shards < 1:
             raise ValueError(f"prepare_bucket: shards must be >= 1, got {shards}")
-        native = bool(grads) and all(g.device.type == "cpu" for g in grads) and (
-            self.device is None or self.device.type == "cpu") and ops.backend("cpu") == "cpp"
-        if not native:
+        if not (grads and all(isinstance(g, torch.Tensor) and self._native(g) for g in grads)):
             return self._prepare_bucket_loop(names, grads, bins, shards)
+        return self._prepare_bucket_native(names, grads, bins, shards)
+
+    def _prepare_bucket_native(self, names, grads, bins, shards):
         flats, residues, outs, Ls, shapes = [], [], [], [], []
         for name, grad, L in zip(names, grads, bins):
             flat, L = self._flat_input(name, grad, L)
@@ -242,7 +256,7 @@ class AdaComp:
         per, pending = [], []
         try:
             for name, grad, L in zip(names, grads, bins):
-                ps, pend = self._prepare(name, grad, shards, L)
+                ps, pend = self._prepare_loop(name, grad, shards, L)
                 per.append(ps)
                 pending.append(pend)
         except BaseException:

@@ -545,8 +545,12 @@ class BucketPayloads:
         self.sizes = sizes
         self.nonfinite = nonfinite
         self.zero = zero
-        flat = sizes.reshape(-1)
-        self._starts = (torch.cumsum(flat, 0) - flat).reshape(sizes.shape).tolist()
+        pos, self._starts = 0, []
+        for row in sizes.tolist():
+            self._starts.append([])
+            for x in row:
+                self._starts[-1].append(pos)
+                pos += x
 
     @classmethod
     def from_payloads(cls, per_tensor: list[list[Payload]], zero: list[bool]) -> BucketPayloads:

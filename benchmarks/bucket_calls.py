@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from adacomp import AdaComp, ops, payload  # noqa: E402
 from hook_overhead import build  # noqa: E402  (the same models, same sizes)
+
+from adacomp import AdaComp, ops, payload  # noqa: E402
 
 
 def median_ms(fns: dict, repeat: int) -> dict:
