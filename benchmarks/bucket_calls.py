@@ -5,7 +5,8 @@ For the models of ``benchmarks/hook_overhead.py`` (CNN 10 tensors, char-LSTM 11,
 times, on the same gradients (N(0, 1), after 4 steps of others so that the residues are in
 their steady state) and in the same run:
 
-* *per tensor*: ``AdaComp.prepare`` for each compressed tensor, and on the receiving side
+* *per tensor*: the per-tensor compress path (selection op, body encoder, header and
+  payload object in Python) for each compressed tensor, and on the receiving side
   ``Payload.from_tensor`` + ``decompress_sum`` of the ``W`` ranks' payloads per tensor (what
   the integrations ran before ``prepare_bucket`` / ``decode_bucket_``);
 * *per bucket*: one ``AdaComp.prepare_bucket`` and one ``payload.decode_bucket_``;
@@ -87,8 +88,8 @@ def run_model(model_name, world, repeat):
     c0 = comps[0]
 
     def per_tensor_compress():
-        for n, x, b in zip(names, grads, bins):
-            _, pend = c0.prepare(n, x, bin_size=b)
+        for n, x, b in zip(names, grads, bins):  # the per-tensor path (header built in Python)
+            _, pend = c0._prepare_loop(n, x, None, b)
             c0.discard(pend)
 
     def per_bucket_compress():
