@@ -154,7 +154,8 @@ class AdaComp:
         return grad.device.type == "cpu" and (self.device is None or self.device.type == "cpu") \
             and ops.backend("cpu") == "cpp"
 
-    def _prepare_loop(self, name, grad, shards, bin_size):
+    def _checked(self, name, grad) -> torch.Tensor:
+        """``grad`` detached (on the compressor's device), after the checks every path makes."""
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
         if not grad.is_floating_point():
@@ -167,6 +168,11 @@ class AdaComp:
         g = grad.detach()
         if self.device is not None and g.device != self.device:
             g = g.to(self.device)
+        return g
+
+    def _prepare_loop(self, name, grad, shards, bin_size):
+        g = self._checked(name, grad)
+        shape = tuple(grad.shape)
         if bin_size is not None:
             _check_bin_size(bin_size, f" for {name!r}")
             L = bin_size
@@ -268,22 +274,11 @@ class AdaComp:
 
     def _flat_input(self, name, grad, L):
         """The checks of :meth:`_prepare`, and the flat fp32 input and clamped bin size."""
-        if not isinstance(grad, torch.Tensor):
-            raise TypeError(f"compress({name!r}): expected a tensor, got {type(grad).__name__}")
-        if not grad.is_floating_point():
-            raise ValueError(f"compress({name!r}): gradient must be floating point, got {grad.dtype}")
-        shape = tuple(grad.shape)
-        known = self._shapes.get(name)
-        if known is not None and known != shape:
-            raise ValueError(f"compress({name!r}): gradient shape changed from {known} to {shape}; "
-                             "a residue is kept per name, so use a new name for a new tensor")
+        g = self._checked(name, grad)
         if L is None:
             raise ValueError(f"prepare_bucket({name!r}): a tensor sent dense has no place in a bucket")
         _check_bin_size(L, f" for {name!r}")
-        self._shapes[name] = shape
-        g = grad.detach()
-        if self.device is not None and g.device != self.device:
-            g = g.to(self.device)
+        self._shapes[name] = tuple(grad.shape)
         flat = g.reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.to(torch.float32)
