@@ -14,7 +14,8 @@ HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 def _params(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(7, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    return [torch.nn.Parameter(torch.randn(7, 5, generator=g)),
+            torch.nn.Parameter(torch.randn(5, generator=g))]
 
 
 def _grads(step, params):
@@ -97,8 +98,9 @@ def test_checkpoint_round_trip_with_torch_adamw():
     assert back.state[c[0]]["step"] == 6
 
 
-@pytest.mark.parametrize("kw, match", [(dict(freeze_step=0), "freeze_step"), (dict(freeze_step=2.5), "freeze_step"),
-                                       (dict(lr=0.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"),
+@pytest.mark.parametrize("kw, match", [(dict(freeze_step=0), "freeze_step"),
+                                       (dict(freeze_step=2.5), "freeze_step"), (dict(lr=0.0), "lr"),
+                                       (dict(betas=(0.9, 1.0)), "betas"),
                                        (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay")])
 def test_bad_hyperparameters_raise(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -27,8 +27,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compressor import DEFAULT_MIN_NUMEL, AdaComp
-from .exchange import (CostModel, ExchangeState, MeasuredCost, StepLedger, check_exchange, check_headers,
-                       check_start_iter, error_meta)
+from .exchange import (
+    CostModel,
+    ExchangeState,
+    MeasuredCost,
+    StepLedger,
+    check_exchange,
+    check_headers,
+    check_start_iter,
+    error_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +122,8 @@ class AdaCompState(ExchangeState):
     def __init__(self, process_group=None, model: nn.Module | None = None, *, named_parameters=None,
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
-                 cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None, scaler=None,
-                 overlap: bool = True):
+                 cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None,
+                 scaler=None, overlap: bool = True):
         check_start_iter(start_iter)
         self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel

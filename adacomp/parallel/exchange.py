@@ -650,15 +650,6 @@ def dense_flags(g: torch.Tensor) -> int:
     return FLAG_ZERO if amax == 0 else 0
 
 
-def all_zero(g: torch.Tensor) -> bool:
-    """Whether every element of ``g`` is zero (a quick look at the head first: a gradient
-    that is used almost never starts with 256 zeros, so the full pass is rare)."""
-    flat = g.detach().reshape(-1)
-    if bool(flat[:256].any()):
-        return False
-    return not bool(flat.any())
-
-
 def config_hash(comp: AdaComp, names, grads, bins, exchange: str) -> int:
     tensors = [[n, list(g.shape), str(g.dtype), b] for n, g, b in zip(names, grads, bins)]
     desc = json.dumps({"config": comp.config(), "exchange": exchange, "tensors": tensors},
@@ -727,7 +718,8 @@ class GroupExchange:
         self.ledger = ledger
         self.owner_pending = owner_pending if owner_pending is not None else {}
         # A measured cost model plans the mode before compressing (the same on every rank).
-        self.planner = self.cost_model if exchange == "auto" and isinstance(self.cost_model, MeasuredCost) else None
+        measured = exchange == "auto" and isinstance(self.cost_model, MeasuredCost)
+        self.planner = self.cost_model if measured else None
         self.plan_key = plan_key if plan_key is not None else tuple(self.names)
         self.plan = self.planner.plan(self.plan_key) if self.planner is not None else None
         # Payloads split into one piece per shard when the sharded exchange may be used.
@@ -814,7 +806,8 @@ class GroupExchange:
         sizes = m[:, META_FIXED:META_FIXED + W * T].reshape(W, T, W)[:, :, :S]
         flags = m[:, META_FIXED + W * T:META_FIXED + (W + 1) * T]
         self.sizes = sizes
-        self.measured = self.planner.observe(self.plan_key, m[:, :META_FIXED]) if self.planner is not None else None
+        self.measured = (self.planner.observe(self.plan_key, m[:, :META_FIXED])
+                         if self.planner is not None else None)
         decisions = []
         for t in range(T):
             if bool(((flags[:, t] & FLAG_NONFINITE) != 0).any()):
@@ -873,8 +866,8 @@ class GroupExchange:
 
     def _choose(self, comp_t: list[int]) -> tuple[str | None, dict]:
         if self.plan is not None:
-            fig = ", ".join(f"{k} " + ("?" if self.measured[k] is None else f"{self.measured[k] * 1e3:.3f} ms")
-                            for k in self.planner.modes)
+            fig = ", ".join(f"{k} " + ("?" if self.measured[k] is None
+                                       else f"{self.measured[k] * 1e3:.3f} ms") for k in self.planner.modes)
             mode = self.plan if comp_t or self.plan == "dense" else None
             return mode, {"mode": mode, "reason": f"auto, measured (slowest rank's median "
                                                   f"exchange time): {fig}; next: "

@@ -735,7 +735,8 @@ def train_one(args, name: str, d, rank: int, world: int, backend) -> dict:
     traffic = hook_state.traffic.as_dict()
     modes = name == "adacomp" and getattr(backend, "name", "") != "fsdp"  # FSDP: one all-to-all
     return {"compressor": name, "exchange": args.exchange if modes else None, "steps": step,
-            "freeze_step": args.freeze_step, "start_iter": args.start_iter, "wall_s": wall, "step_times": step_times, "metrics": metrics,
+            "freeze_step": args.freeze_step, "start_iter": args.start_iter, "wall_s": wall,
+            "step_times": step_times, "metrics": metrics,
             "loss_curve": curve, "wire_curve": wire_curve, "traffic": traffic}
 
 
