@@ -843,9 +843,24 @@ def run_and_exit(argv=None) -> None:
     args_backend = parse_args(argv).backend
     main(argv)
     if args_backend in ("ddp", "fsdp"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        mpi = sys.modules.get("mpi4py.MPI")  # torch.distributed initialised from mpiexec
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()  # else mpiexec reports the rank as exited without finalize, rc 1
-        os._exit(0)
+        exit_distributed(0)
+
+
+def exit_distributed(code: int = 0) -> None:
+    """Leave a torch.distributed (Gloo) process with ``os._exit(code)`` instead of a normal
+    interpreter exit, which aborts now and then while it tears down Gloo work
+    (pytorch/pytorch#179291; see :func:`run_and_exit`). Output is flushed; if the process
+    group is still up, every rank meets at a barrier (all have written their results) and
+    it is destroyed; MPI is finalized when torch.distributed came up under mpiexec."""
+    import torch.distributed as dist
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # drop DDP reducers and finished work (and their tensors) first
+        dist.barrier()
+        dist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")  # torch.distributed initialised from mpiexec
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # else mpiexec reports the rank as exited without finalize, rc 1
+    os._exit(code)
