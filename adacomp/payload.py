@@ -590,7 +590,8 @@ class BucketPayloads:
         return torch.cat(parts)
 
 
-def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple]) -> None:
+def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple],
+                   divisor: int = 1) -> None:
     """Decode a bucket's received payloads into ``outs`` with one call.
 
     ``outs``: contiguous fp32 tensors (read flat); ``rows``: 1-D uint8 tensors (one per
@@ -598,7 +599,9 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
     shape)``: its bytes are ``rows[row][offset:offset + nbytes]``, the receiver expects
     ``shape`` (``end - start`` elements), and consecutive entries with the same
     ``(out, start, end)`` are summed, in order, into ``outs[out].view(-1)[start:end]``
-    (zeroed first; NaN if one of them carries the non-finite flag). Ranges may not overlap.
+    (zeroed first; NaN if one of them carries the non-finite flag), and the sum divided by
+    ``divisor`` (the average over ``divisor`` ranks; ``Tensor.div_``'s rounding). Ranges may
+    not overlap.
 
     Every payload is validated first (the checks and messages of :func:`parse_header`
     with ``shape=`` and of :func:`decompress_sum`); on a ``ValueError`` no output is
@@ -610,12 +613,13 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
         flat = []
         for o, s, e, r, off, nb, shape in entries:
             flat += [o, s, e, r, off, nb, len(shape), *shape]
-        torch.ops.adacomp.decode_bucket_(outs, rows, flat)
+        torch.ops.adacomp.decode_bucket_(outs, rows, flat, divisor)
         return
-    decode_bucket_loop_(outs, rows, entries)
+    decode_bucket_loop_(outs, rows, entries, divisor)
 
 
-def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple]) -> None:
+def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: list[tuple],
+                        divisor: int = 1) -> None:
     """:func:`decode_bucket_` as a loop of :meth:`Payload.from_tensor` and
     :func:`decompress_sum` calls (with the backend in use): the definition the native op
     matches, message for message."""
@@ -631,6 +635,8 @@ def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entr
                  for _, _, _, r, off, nb, shape in items]
         tmp = torch.zeros(items[0][6], dtype=torch.float32, device=outs[o].device)
         decompress_sum(plist, tmp)
+        if divisor != 1:
+            tmp.div_(divisor)
         done.append((o, start, end, tmp))
     for o, start, end, tmp in done:
         outs[o].view(-1)[start:end].copy_(tmp.reshape(-1))

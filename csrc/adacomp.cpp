@@ -42,6 +42,7 @@ TORCH_LIBRARY(adacomp, m) {
   // Parse and validate every payload of a bucket (header against the expected shape, and
   // body), then zero and sum each range of an output. entries: per payload
   // [out, start, end, row, byte offset, nbytes, ndim, sizes...]; consecutive payloads with the
-  // same (out, start, end) are summed in order. Nothing is written unless all are valid.
-  m.def("decode_bucket_(Tensor(a!)[] outs, Tensor[] rows, int[] entries) -> ()");
+  // same (out, start, end) are summed in order, and the sum divided by divisor (>= 1; the
+  // float division, as Tensor.div_). Nothing is written unless all are valid.
+  m.def("decode_bucket_(Tensor(a!)[] outs, Tensor[] rows, int[] entries, int divisor=1) -> ()");
 }

@@ -138,10 +138,10 @@ def _bucket(W=3, shards=None, values="ternary", seed=0):
     return rows, entries
 
 
-def _decode(fn, rows, entries, fill=7.0):
+def _decode(fn, rows, entries, fill=7.0, divisor=1):
     outs = [torch.full((torch.Size(s).numel(),), fill) for s in SHAPES]
     try:
-        fn(outs, rows, entries)
+        fn(outs, rows, entries, divisor)
     except ValueError as exc:
         assert all(bool((o == fill).all()) for o in outs), "outputs must be untouched on error"
         return ("error", str(exc))
@@ -165,6 +165,12 @@ def test_decode_bucket_is_the_decompress_sum_loop(values, shards):
                 p = Payload.from_tensor(rows[e[3]][e[4]:e[4] + e[5]], shape=e[6])
                 want[e[1]:e[2]] += payload.decompress(p, shape=e[6]).reshape(-1)
         assert torch.equal(torch.tensor(native[1][t], dtype=torch.int32).view(torch.float32), want)
+        # the average in the same call: Tensor.div_'s rounding
+        got = torch.tensor(_decode(decode_bucket_, rows, entries, divisor=3)[1][t], dtype=torch.int32)
+        assert torch.equal(got.view(torch.float32), want / 3)
+    native3 = _decode(decode_bucket_, rows, entries, divisor=3)
+    with backend("torch"):
+        assert _decode(decode_bucket_loop_, rows, entries, divisor=3) == native3
 
 
 def test_decode_bucket_nonfinite_payload_gives_nan_range():

@@ -640,6 +640,17 @@ class ConfigMismatchError(RuntimeError):
     """The ranks do not run the same AdaComp configuration or parameter set."""
 
 
+def dense_flags_of(tensors: list[torch.Tensor]) -> list[int]:
+    """:func:`dense_flags` of many tensors, with one reduction call and one host read."""
+    live = [t.detach() for t in tensors if t.numel() and t.is_floating_point()]
+    if len(live) < len(tensors):  # empty or integer tensors: one at a time
+        return [dense_flags(t) for t in tensors]
+    if not live:
+        return []
+    amax = torch.stack(torch._foreach_norm(live, float("inf"))).tolist()
+    return [FLAG_NONFINITE if not math.isfinite(a) else (FLAG_ZERO if a == 0 else 0) for a in amax]
+
+
 def dense_flags(g: torch.Tensor) -> int:
     """Meta flags of a tensor sent dense: non-finite, or all zero."""
     if g.numel() == 0:
@@ -747,11 +758,13 @@ class GroupExchange:
             piece_sizes = self.bucket.sizes.t().tolist()
         flags, sizes = [], []
         pad = [0] * (world - self.pieces)
-        for t, g in enumerate(self.grads):
+        dense_t = [t for t in range(T) if t not in self.slot]
+        dflags = dict(zip(dense_t, dense_flags_of([self.grads[t] for t in dense_t])))
+        for t in range(T):
             i = self.slot.get(t)
             if i is None:
                 sizes += [-1] * world
-                flags.append(dense_flags(g))
+                flags.append(dflags[t])
             else:
                 sizes += piece_sizes[i] + pad
                 flags.append(FLAG_NONFINITE if self.bucket.nonfinite[i] else
@@ -808,17 +821,21 @@ class GroupExchange:
         self.sizes = sizes
         self.measured = (self.planner.observe(self.plan_key, m[:, :META_FIXED])
                          if self.planner is not None else None)
+        # Host lists from here on: one conversion instead of a few tensor ops per tensor.
+        flag_rows = flags.t().tolist()  # [T][W]
+        largest = sizes.sum(dim=2).max(dim=0).values.tolist() if T else []  # per tensor, over ranks
         decisions = []
         for t in range(T):
-            if bool(((flags[:, t] & FLAG_NONFINITE) != 0).any()):
+            fl = flag_rows[t]
+            if any(f & FLAG_NONFINITE for f in fl):
                 decisions.append(NONFINITE)
-            elif bool(((flags[:, t] & FLAG_ZERO) != 0).all()):
+            elif all(f & FLAG_ZERO for f in fl):
                 decisions.append(ZERO)  # nobody touched it: zero out, residue kept
             elif self.bins[t] is None:
                 decisions.append(DENSE_RULE)
             elif self.plan == "dense":
                 decisions.append(DENSE_FALLBACK)
-            elif int(sizes[:, t, :].sum(dim=1).max()) >= self.grads[t].numel() * self.grads[t].element_size():
+            elif largest[t] >= self.grads[t].numel() * self.grads[t].element_size():
                 decisions.append(DENSE_FALLBACK)
             else:
                 decisions.append(COMPRESSED)
@@ -856,7 +873,7 @@ class GroupExchange:
             rule = [t for t in self.dense if decisions[t] == DENSE_RULE
                     and self.grads[t].dtype == torch.float32]
             nbytes = 4 * sum(self.grads[t].numel() for t in rule)
-            payload = int(sizes[:, comp_t, :].sum(dim=(1, 2)).max())
+            payload = max(self.gather_sizes()) if comp_t else 0
             if rule and nbytes <= max(MERGE_DENSE_BYTES, payload):
                 self.merged = rule
                 self.dense = [t for t in self.dense if t not in rule]
@@ -914,7 +931,7 @@ class GroupExchange:
                 size = int(self.sizes[r, t, me])
                 entries.append((i, 0, end - start, r, offsets[r], size, (end - start,)))
                 offsets[r] += size
-        decode_bucket_(avgs, received, entries)
+        decode_bucket_(avgs, received, entries, W)  # the average of every rank's shard
         keys, inputs, bins, where = [], [], [], []
         self.owner_payloads = [None] * len(self.compressed)
         self.owner_nonfinite = [False] * len(self.compressed)
@@ -927,7 +944,7 @@ class GroupExchange:
                 if self.names[t] in self.owner_pending:
                     self.owner_pending_used.append(self.names[t])
                 continue
-            avg = avgs[i].div_(W)
+            avg = avgs[i]
             key = owner_key(self.names[t], start, end)
             seed = self.owner_pending.get(self.names[t])
             if seed is not None and key not in self.owner.names():
@@ -1075,12 +1092,11 @@ class GroupExchange:
                     shape = (end - start,) if self.split else tuple(self.grads[t].shape)
                     j = s * len(comp) + i
                     entries += [(i, start, end, r, starts[r][j], sz[r][j], shape) for r in range(W)]
-        decode_bucket_(outs, rows, entries)
-        if self.mode == "sharded":
+        sharded = self.mode == "sharded"  # owners' payloads are averages already
+        decode_bucket_(outs, rows, entries, 1 if sharded else W)
+        if sharded:
             flags = self.owner_flags.tolist()
             nonfinite = [any(flags[s][i] for s in range(W)) for i in range(len(comp))]
-        else:
-            torch._foreach_div_(outs, W)
         for out, bad in zip(outs, nonfinite):
             if bad:  # an owner's average overflowed: the whole tensor is non-finite
                 out.fill_(float("nan"))

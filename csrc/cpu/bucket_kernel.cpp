@@ -402,9 +402,11 @@ struct Entry {
 
 // entries: per payload, [out, start, end, row, offset, nbytes, ndim, dims...]; consecutive
 // entries with the same (out, start, end) are one sum (in entry order) into that range of
-// outs[out], which is zeroed first (NaN if a payload of it is non-finite). Ranges must not
-// overlap. Every header and body is checked before anything is written.
-void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef entries) {
+// outs[out], which is zeroed first (NaN if a payload of it is non-finite), then divided by
+// divisor. Ranges must not overlap. Every header and body is checked before anything is
+// written.
+void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef entries, int64_t divisor) {
+  TORCH_CHECK_VALUE(divisor >= 1, "adacomp::decode_bucket_: divisor must be >= 1, got ", divisor);
   for (const at::Tensor& o : outs)
     TORCH_CHECK_VALUE(o.scalar_type() == at::kFloat && o.is_contiguous() && o.device().is_cpu(),
                       "adacomp::decode_bucket_: outputs must be contiguous fp32 CPU tensors");
@@ -515,6 +517,10 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
         } else {
           for (size_t j = 0; j < e.index.size(); ++j) o[e.index[j]] += e.value[j];
         }
+      }
+      if (divisor > 1) {  // the average, while the range is still in cache
+        const float d = (float)divisor;
+        for (int64_t j = 0; j < len; ++j) o[j] /= d;
       }
     }
   });
