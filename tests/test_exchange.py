@@ -363,3 +363,35 @@ def test_measured_auto_with_dense_mode_keeps_residues():
     exchange_all(states, grads(2, 1), names)
     (choice,) = states[0].stats()["last_choice"].values()
     assert choice["mode"] == "allgather"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_small_dense_tensors_ride_in_the_payload_allgather(world, monkeypatch):
+    """Tensors sent dense by rule (here the bias) travel at the head of the payload
+    all-gather when they are small: no allreduce is issued, and every rank gets the rank-order
+    sum divided by W, bit for bit. Over the size limit they go back to the allreduce."""
+    calls = []
+    real = Loopback.allreduce_sum
+
+    def counting(self, flat):
+        calls.append(flat.numel())
+        return real(self, flat)
+
+    monkeypatch.setattr(Loopback, "allreduce_sum", counting)
+    names = list(SHAPES)
+    states = make_states(world, "allgather", min_numel=64)
+    gs = grads(world, 0)
+    outs = exchange_all(states, gs, names)
+    b = names.index("bias")
+    want = gs[0][b].clone()
+    for r in range(1, world):
+        want += gs[r][b]
+    want /= world
+    for r in range(world):
+        assert torch.equal(outs[r][b], want)
+    assert calls == []  # the bias rode in the all-gather
+    # Dense bytes (fc and bias, 10.4 kB) above the limit and above the payloads: an allreduce.
+    monkeypatch.setattr("adacomp.parallel.exchange.MERGE_DENSE_BYTES", 0)
+    states = make_states(world, "allgather", min_numel=64, bin_size={"fc": None})
+    exchange_all(states, grads(world, 1), names)
+    assert calls == [40 * 64 + 40] * world
