@@ -605,7 +605,16 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
 
     Every payload is validated first (the checks and messages of :func:`parse_header`
     with ``shape=`` and of :func:`decompress_sum`); on a ``ValueError`` no output is
-    touched. On CPU with the extension this is ``adacomp::decode_bucket_``.
+    touched. On CPU with the extension this is ``adacomp::decode_bucket_``; elsewhere the
+    loop :func:`decode_bucket_loop_`.
+
+    Raises:
+        ValueError: a malformed payload, a payload of another shape than its entry expects,
+            or (native op) an entry table whose ranges overlap or point outside the rows or
+            outputs, or outputs that are not contiguous fp32 CPU tensors.
+
+    Source: the wire format of this module (version 1); the summation order is that of
+    docs/algorithm.md section 4 (rank order, so every rank gets the same bits).
     """
     from . import ops
 
