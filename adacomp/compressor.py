@@ -240,17 +240,15 @@ class AdaComp:
         return self._prepare_bucket_native(names, grads, bins, shards)
 
     def _prepare_bucket_native(self, names, grads, bins, shards):
-        flats, residues, outs, Ls, shapes = [], [], [], [], []
+        flats, residues, Ls, shapes = [], [], [], []
         for name, grad, L in zip(names, grads, bins):
             flat, L = self._flat_input(name, grad, L)
-            n = flat.numel()
             flats.append(flat)
-            residues.append(self._residue_buffer(name, n, flat.device))
-            outs.append(None)
+            residues.append(self._residue_buffer(name, flat.numel(), flat.device))
             Ls.append(L)
             shapes += [grad.dim(), *grad.shape]
-        for i, f in enumerate(flats):  # spares taken only once every input is valid
-            outs[i] = self._take_spare(f.numel(), f.device)
+        # spares taken only once every input is valid
+        outs = [self._take_spare(f.numel(), f.device) for f in flats]
         data, sizes, info = torch.ops.adacomp.compress_bucket(
             flats, residues, outs, Ls, shapes, shards or 0, SCALE_MODES[self.scale], VALUE_MODES[self.values])
         info_l = info.tolist()

@@ -534,19 +534,21 @@ class BucketPayloads:
     """Every payload of one bucket (``T`` tensors, each in ``pieces`` bin-aligned pieces)
     in one contiguous uint8 buffer, piece-major: piece 0 of every tensor, then piece 1, ...
 
-    ``sizes``: int64 ``[pieces, T]`` bytes per payload (on the host); ``nonfinite`` and
-    ``zero``: per tensor, whether its gradient held NaN/Inf, and whether it was all zero.
+    ``sizes``: int64 ``[pieces, T]`` bytes per payload (on the host), and ``size_rows`` the
+    same as lists; ``nonfinite`` and ``zero``: per tensor, whether its gradient held
+    NaN/Inf, and whether it was all zero.
     """
 
-    __slots__ = ("data", "sizes", "nonfinite", "zero", "_starts")
+    __slots__ = ("data", "sizes", "size_rows", "nonfinite", "zero", "_starts")
 
     def __init__(self, data: torch.Tensor, sizes: torch.Tensor, nonfinite: list[bool], zero: list[bool]):
         self.data = data
         self.sizes = sizes
+        self.size_rows = sizes.tolist()
         self.nonfinite = nonfinite
         self.zero = zero
         pos, self._starts = 0, []
-        for row in sizes.tolist():
+        for row in self.size_rows:
             self._starts.append([])
             for x in row:
                 self._starts[-1].append(pos)
@@ -570,7 +572,7 @@ class BucketPayloads:
     def piece(self, t: int, s: int = 0) -> torch.Tensor:
         """The bytes of tensor ``t``'s piece ``s`` (a view)."""
         start = self._starts[s][t]
-        return self.data[start:start + int(self.sizes[s, t])]
+        return self.data[start:start + self.size_rows[s][t]]
 
     def select(self, tensors: list[int], pieces=None) -> torch.Tensor:
         """The bytes of ``tensors``' payloads, piece-major (of ``pieces``, default all): a
@@ -583,7 +585,7 @@ class BucketPayloads:
             if len(pieces) == 1:
                 s = pieces[0]
                 start = self._starts[s][0] if T else 0
-                return self.data[start:start + int(self.sizes[s].sum())]
+                return self.data[start:start + sum(self.size_rows[s])]
         parts = [self.piece(t, s) for s in pieces for t in tensors]
         if not parts:
             return self.data[:0]

@@ -59,6 +59,15 @@ inline int offset_width(int64_t bin_size) {
   return w;
 }
 
+// Bytes of the count, entry and value streams of a (non-dense) body: the one definition the
+// encoder and the decoders share.
+inline void stream_bytes(int64_t n_bins, int64_t n_sent, int field_bits, int kind, int64_t* count,
+                         int64_t* entry, int64_t* value) {
+  *count = (n_bins + n_sent + 7) / 8;
+  *entry = (n_sent * field_bits + 7) / 8;
+  *value = kind == kValueFp16 ? 2 * n_sent : (kind == kValueFp32 ? 4 * n_sent : 0);
+}
+
 inline BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, int kind) {
   BodyLayout l;
   l.numel = numel;
@@ -68,9 +77,7 @@ inline BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, i
   l.kind = kind;
   l.width = offset_width(bin_size);
   l.field_bits = l.width + (kind == kValueTernary ? 1 : 0);
-  l.count_bytes = (l.n_bins + n_sent + 7) / 8;
-  l.entry_bytes = (n_sent * l.field_bits + 7) / 8;
-  l.value_bytes = kind == kValueFp16 ? 2 * n_sent : (kind == kValueFp32 ? 4 * n_sent : 0);
+  stream_bytes(l.n_bins, n_sent, l.field_bits, kind, &l.count_bytes, &l.entry_bytes, &l.value_bytes);
   if (kind == kValueDense) {
     l.count_bytes = l.entry_bytes = 0;
     l.value_bytes = 4 * numel;

@@ -755,7 +755,7 @@ class GroupExchange:
                 raise
             for t, p in zip(chosen, pend):
                 self.pending[t] = p
-            piece_sizes = self.bucket.sizes.t().tolist()
+            piece_sizes = [list(col) for col in zip(*self.bucket.size_rows)]  # [tensor][piece]
         flags, sizes = [], []
         pad = [0] * (world - self.pieces)
         dense_t = [t for t in range(T) if t not in self.slot]
@@ -938,7 +938,7 @@ class GroupExchange:
         for i, t in enumerate(self.compressed):
             start, end = self.bounds[t][me]
             if end == start:  # fewer bins than ranks: nothing to own (and no residue to keep)
-                first = [e for e in entries if e[0] == i][0]
+                first = entries[i * W]  # rank 0's entry of this tensor
                 p = Payload.from_tensor(received[0][first[4]:first[4] + first[5]], shape=(0,))
                 self.owner_payloads[i], self.owner_nonfinite[i] = p.tensor, p.nonfinite
                 if self.names[t] in self.owner_pending:
@@ -1075,7 +1075,8 @@ class GroupExchange:
                 copies.append(len(outs) - 1)
         entries = []
         nonfinite = [False] * len(comp)
-        if self.mode == "sharded":  # rank s holds the averaged shard s of every tensor, in order
+        sharded = self.mode == "sharded"  # owners' payloads are averages already
+        if sharded:  # rank s holds the averaged shard s of every tensor, in order
             starts = (torch.cumsum(self.owner_size_table, 1) - self.owner_size_table).tolist()
             sizes = self.owner_size_table.tolist()
             for i, t in enumerate(comp):
@@ -1092,7 +1093,6 @@ class GroupExchange:
                     shape = (end - start,) if self.split else tuple(self.grads[t].shape)
                     j = s * len(comp) + i
                     entries += [(i, start, end, r, starts[r][j], sz[r][j], shape) for r in range(W)]
-        sharded = self.mode == "sharded"  # owners' payloads are averages already
         decode_bucket_(outs, rows, entries, 1 if sharded else W)
         if sharded:
             flags = self.owner_flags.tolist()

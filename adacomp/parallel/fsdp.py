@@ -229,7 +229,7 @@ class _ChunkExchange:
             for i, (t, dst, _, _) in enumerate(todo):
                 self.payloads[t][dst] = bp.piece(i)
                 self.pending[t][dst] = pend[i]
-                sizes[t * W + dst] = int(bp.sizes[0, i])
+                sizes[t * W + dst] = bp.size_rows[0][i]
                 nonfinite[t] |= bp.nonfinite[i]
                 zero[t] = zero[t] and not nonfinite[t] and bp.zero[i]
         flags = [FLAG_NONFINITE if nf else (FLAG_ZERO if z else 0) for nf, z in zip(nonfinite, zero)]

@@ -369,9 +369,7 @@ class DDPBackend:
         return t
 
     def shutdown(self):
-        gc.collect()  # drop DDP reducers and finished work (and their tensors) first
-        dist.barrier()
-        dist.destroy_process_group()
+        close_process_group()
 
     def prepare(self, model, opt, name, args, world, clip):
         ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
@@ -850,20 +848,24 @@ def run_and_exit(argv=None) -> None:
         exit_distributed(0)
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if it is up, once every rank got here: garbage
+    collected first (DDP reducers and finished work hold tensors), then a barrier."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def exit_distributed(code: int = 0) -> None:
     """Leave a torch.distributed (Gloo) process with ``os._exit(code)`` instead of a normal
     interpreter exit, which aborts now and then while it tears down Gloo work
     (pytorch/pytorch#179291; see :func:`run_and_exit`). Output is flushed; if the process
     group is still up, every rank meets at a barrier (all have written their results) and
     it is destroyed; MPI is finalized when torch.distributed came up under mpiexec."""
-    import torch.distributed as dist
-
     sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # drop DDP reducers and finished work (and their tensors) first
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
     mpi = sys.modules.get("mpi4py.MPI")  # torch.distributed initialised from mpiexec
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()  # else mpiexec reports the rank as exited without finalize, rc 1

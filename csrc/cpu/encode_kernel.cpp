@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "../decode.h"
 #include "kernels.h"
 
 namespace adacomp {
@@ -45,18 +46,16 @@ struct BitWriter {
 }  // namespace
 
 int64_t body_bytes(int64_t n_bins, int64_t n_sent, int offset_width, int kind) {
-  const int fbits = offset_width + (kind == 0 ? 1 : 0);
-  const int64_t count_bytes = (n_bins + n_sent + 7) / 8;
-  const int64_t entry_bytes = (n_sent && fbits) ? (n_sent * fbits + 7) / 8 : 0;
-  const int64_t value_bytes = kind == 1 ? 2 * n_sent : (kind == 2 ? 4 * n_sent : 0);
-  return count_bytes + entry_bytes + value_bytes;
+  int64_t count, entry, value;
+  stream_bytes(n_bins, n_sent, offset_width + (kind == kValueTernary ? 1 : 0), kind, &count, &entry, &value);
+  return count + entry + value;
 }
 
 void encode_body_into(uint8_t* p, const int32_t* cnt, int64_t nb, const int32_t* off, const float* val,
                       int64_t k, int offset_width, int kind) {
-  const int fbits = offset_width + (kind == 0 ? 1 : 0);
-  const int64_t count_bytes = (nb + k + 7) / 8;
-  const int64_t entry_bytes = (k && fbits) ? (k * fbits + 7) / 8 : 0;
+  const int fbits = offset_width + (kind == kValueTernary ? 1 : 0);
+  int64_t count_bytes, entry_bytes, value_bytes;
+  stream_bytes(nb, k, fbits, kind, &count_bytes, &entry_bytes, &value_bytes);
   BitWriter counts_w(p);
   for (int64_t b = 0; b < nb; ++b) {
     counts_w.ones(cnt[b]);
@@ -68,25 +67,23 @@ void encode_body_into(uint8_t* p, const int32_t* cnt, int64_t nb, const int32_t*
     const int w = offset_width;
     for (int64_t i = 0; i < k; ++i) {
       uint64_t field = static_cast<uint32_t>(off[i]);
-      if (kind == 0 && val[i] < 0.0f) field |= (1ull << w);
+      if (kind == kValueTernary && val[i] < 0.0f) field |= (1ull << w);
       entries.put(field, fbits);
     }
     entries.flush();
   }
   uint8_t* vp = p + count_bytes + entry_bytes;
-  if (kind == 1) {
+  if (kind == kValueFp16) {
     for (int64_t i = 0; i < k; ++i) {
       const uint16_t h = c10::Half(val[i]).x;
       std::memcpy(vp + 2 * i, &h, 2);
     }
-  } else if (kind == 2 && k) {
+  } else if (kind == kValueFp32 && k) {
     std::memcpy(vp, val, 4 * k);
   }
 }
 
 namespace {
-
-constexpr int64_t kTernary = 0, kFp16 = 1, kFp32 = 2;
 
 at::Tensor encode_body_cpu(const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& values,
                            int64_t offset_width, int64_t kind) {
@@ -94,7 +91,8 @@ at::Tensor encode_body_cpu(const at::Tensor& counts, const at::Tensor& offsets, 
   TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kInt, "encode_body: offsets must be 1-D int32");
   TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kFloat, "encode_body: values must be 1-D fp32");
   TORCH_CHECK(offsets.numel() == values.numel(), "encode_body: one value per offset");
-  TORCH_CHECK(kind == kTernary || kind == kFp16 || kind == kFp32, "encode_body: kind must be 0, 1 or 2");
+  TORCH_CHECK(kind == kValueTernary || kind == kValueFp16 || kind == kValueFp32,
+              "encode_body: kind must be 0, 1 or 2");
   TORCH_CHECK(offset_width >= 0 && offset_width <= 31, "encode_body: offset_width must be in [0, 31]");
   auto c = counts.contiguous();
   auto o = offsets.contiguous();
