@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #include "common.h"
 
 namespace adacomp {
@@ -208,6 +210,29 @@ int walk_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, floa
     return visit_body(body, body_bytes, l, scale, [out](int64_t i, float v) { out[i] += v; });
   }
   return visit_body(body, body_bytes, l, scale, [](int64_t, float) {});
+}
+
+// A validated body as what it adds: the dense kind's values (in the buffer, possibly
+// unaligned), or the sent elements' indices and values in increasing index order.
+struct DecodedBody {
+  const float* dense = nullptr;
+  std::vector<int64_t> index;
+  std::vector<float> value;
+};
+
+// Validates one body and collects what it adds into *out; returns a DecodeError code.
+inline int decode_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, float scale,
+                       DecodedBody* out) {
+  if (l.kind == kValueDense) {
+    out->dense = reinterpret_cast<const float*>(body);
+    return walk_body<false>(body, body_bytes, l, scale, nullptr);
+  }
+  out->index.reserve(l.n_sent);
+  out->value.reserve(l.n_sent);
+  return visit_body(body, body_bytes, l, scale, [out](int64_t i, float v) {
+    out->index.push_back(i);
+    out->value.push_back(v);
+  });
 }
 
 }  // namespace adacomp

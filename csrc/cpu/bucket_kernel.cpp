@@ -390,14 +390,11 @@ Parsed parse_header(const uint8_t* buf, int64_t total_len, const std::vector<uin
   return h;
 }
 
-struct Entry {
+struct Entry : DecodedBody {
   int64_t out, start, end, row, offset, nbytes;
   std::vector<uint64_t> shape;
   Parsed head;
   bool nonfinite = false;
-  const float* dense = nullptr;  // dense kind: the body's values (may be unaligned)
-  std::vector<int64_t> index;
-  std::vector<float> value;
 };
 
 // entries: per payload, [out, start, end, row, offset, nbytes, ndim, dims...]; consecutive
@@ -476,18 +473,7 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
       const BodyLayout l = body_layout(h.numel, h.bin_size, h.n_sent, h.kind);
       const uint8_t* body = rows[e.row].data_ptr<uint8_t>() + e.offset + h.header_bytes;
       const int64_t nbody = e.nbytes - h.header_bytes;
-      int code;
-      if (h.kind == kValueDense) {
-        code = walk_body<false>(body, nbody, l, h.scale, nullptr);
-        e.dense = reinterpret_cast<const float*>(body);
-      } else {
-        e.index.reserve(h.n_sent);
-        e.value.reserve(h.n_sent);
-        code = visit_body(body, nbody, l, h.scale, [&e](int64_t j, float v) {
-          e.index.push_back(j);
-          e.value.push_back(v);
-        });
-      }
+      const int code = decode_body(body, nbody, l, h.scale, &e);
       TORCH_CHECK_VALUE(code == kOk, "adacomp payload ", i - group_start[g], " is malformed: ",
                         decode_error_message(code));
     }

@@ -23,11 +23,8 @@ namespace {
 constexpr int kMetaPerPayload = 8;
 constexpr int64_t kBlock = 1 << 16;  // elements of out per block (256 KB)
 
-struct Decoded {
+struct Decoded : DecodedBody {
   bool nonfinite = false;
-  const float* dense = nullptr;  // dense kind: the body's values (may be unaligned)
-  std::vector<int64_t> index;
-  std::vector<float> value;
 };
 
 void decompress_sum_cpu(at::Tensor& out, at::TensorList data, at::IntArrayRef meta) {
@@ -62,19 +59,7 @@ void decompress_sum_cpu(at::Tensor& out, at::TensorList data, at::IntArrayRef me
     const BodyLayout l = body_layout(numel, bin_size, n_sent, kind);
     const uint8_t* body = t.data_ptr<uint8_t>() + body_offset;
     const int64_t body_bytes = t.numel() - body_offset;
-    int code;
-    if (kind == kValueDense) {
-      code = walk_body<false>(body, body_bytes, l, scale, nullptr);
-      dec[p].dense = reinterpret_cast<const float*>(body);
-    } else {
-      Decoded& d = dec[p];
-      d.index.reserve(n_sent);
-      d.value.reserve(n_sent);
-      code = visit_body(body, body_bytes, l, scale, [&d](int64_t i, float v) {
-        d.index.push_back(i);
-        d.value.push_back(v);
-      });
-    }
+    const int code = decode_body(body, body_bytes, l, scale, &dec[p]);
     TORCH_CHECK_VALUE(code == kOk, "adacomp payload ", p, " is malformed: ",
                       decode_error_message(code));
   }
