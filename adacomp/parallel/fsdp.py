@@ -67,7 +67,7 @@ from .exchange import (
     check_headers,
     check_start_iter,
     config_hash,
-    dense_flags,
+    dense_flags_of,
     error_meta,
     header_fields,
     parse_range_key,
@@ -201,6 +201,7 @@ class _ChunkExchange:
         sizes = [0] * (T * W)
         nonfinite, zero = [False] * T, [True] * T
         todo = []  # (t, dst, key, piece) to compress
+        dense = []  # (t, piece) sent dense by rule
         for t, p in enumerate(params):
             pieces = []
             for dst in range(W):
@@ -213,12 +214,13 @@ class _ChunkExchange:
                 pieces.append(piece)
                 if p.bin_size is None:
                     sizes[t * W + dst] = -1
-                    f = dense_flags(piece)
-                    nonfinite[t] |= bool(f & FLAG_NONFINITE)
-                    zero[t] &= bool(f & FLAG_ZERO)
+                    dense.append((t, piece))
                 else:
                     todo.append((t, dst, piece_key(p.name, r0, r1), piece))
             self.pieces.append(pieces)
+        for (t, _), f in zip(dense, dense_flags_of([piece for _, piece in dense])):
+            nonfinite[t] |= bool(f & FLAG_NONFINITE)
+            zero[t] &= bool(f & FLAG_ZERO)
         if todo:
             try:
                 bp, pend = self.comp.prepare_bucket([k for _, _, k, _ in todo], [g for *_, g in todo],
