@@ -224,31 +224,71 @@ def test_package_works_without_the_extension():
                                    for _ in range(3)]
 
 
-def test_portable_cpp_path_matches_reference():
-    """The C++ kernel's portable (non-AVX2) path, forced with ADACOMP_NO_AVX2=1 (read once
-    per process, hence the subprocess), against the reference."""
+ISA_CHECK = """
+import os, sys
+import torch
+from adacomp import _reference as ref, ops, AdaComp
+assert ops.cpu_isa() == sys.argv[1], ops.cpu_isa()
+torch.set_num_threads(2)
+raw = lambda t: t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+for n, L in [(0, 3), (7, 3), (1000, 1), (12345, 50), (100003, 500), (5000, 4097), (70000, 16), (9000, 31)]:
+    for sm in (0, 1):
+        for vm in (0, 1, 2):
+            g = torch.Generator().manual_seed(n + L)
+            d = torch.randint(-3, 4, (n,), generator=g).float()
+            d = d * torch.rand(n, generator=g).round()
+            r = torch.randn(n, generator=g)
+            out = torch.empty(n)
+            got = torch.ops.adacomp.select(d, r, out, L, sm, vm)
+            want = ref.select(d, r, L, sm, vm)
+            assert torch.equal(out.view(torch.int32), want[0].view(torch.int32))
+            for a, b in zip(got, want[1:]):
+                assert torch.equal(raw(a), raw(b))
+# Whole buckets of large tensors: many chunks on 2 threads, shard pieces that cut chunks,
+# so the payload's bit streams are written in segments by both threads.
+g = torch.Generator().manual_seed(1)
+shapes, bins = [(1_100_003,), (600, 1001), (300_000,)], [50, 7, 4099]
+for values in ("ternary", "fp16", "fp32"):
+    for shards in (None, 3):
+        out = []
+        for backend in ("cpp", "torch"):
+            os.environ["ADACOMP_BACKEND"] = backend
+            c = AdaComp(values=values, min_numel=0)
+            names = [f"t{i}" for i in range(len(shapes))]
+            g = torch.Generator().manual_seed(2)
+            seen = []
+            for step in range(2):
+                grads = [torch.randn(s, generator=g) for s in shapes]
+                prep = c.prepare_bucket if backend == "cpp" else c._prepare_bucket_loop
+                bp, pending = prep(names, grads, bins, shards)
+                for p in pending:
+                    c.commit(p)
+                seen.append(bytes(bp.data.numpy()))
+            out.append((seen, [c.residue(n).view(torch.int32).clone() for n in names]))
+        assert out[0][0] == out[1][0], (values, shards)
+        assert all(torch.equal(x, y) for x, y in zip(out[0][1], out[1][1])), (values, shards)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_cpu_kernel_version_matches_reference(isa):
+    """Each vector version of the C++ selection (chosen with ADACOMP_CPU_ISA, read once per
+    process, hence the subprocess) against the reference: the selection op, and whole
+    buckets of large tensors compressed on 2 threads against the pure-PyTorch path, bytes
+    and residues."""
     import subprocess
     import sys
 
     if "cpp" not in ops.available_backends("cpu"):
         pytest.skip("cpp not available in this build")
-    code = (
-        "import torch\nfrom adacomp import _reference as ref\nimport adacomp\n"
-        "for n, L in [(0, 3), (7, 3), (1000, 1), (12345, 50), (100003, 500), (5000, 4097)]:\n"
-        "  for sm in (0, 1):\n"
-        "    for vm in (0, 1, 2):\n"
-        "      g = torch.Generator().manual_seed(n + L)\n"
-        "      d = torch.randint(-3, 4, (n,), generator=g).float()\n"
-        "      d = d * torch.rand(n, generator=g).round()\n"
-        "      r = torch.randn(n, generator=g)\n"
-        "      out = torch.empty(n)\n"
-        "      got = torch.ops.adacomp.select(d, r, out, L, sm, vm)\n"
-        "      want = ref.select(d, r, L, sm, vm)\n"
-        "      assert torch.equal(out.view(torch.int32), want[0].view(torch.int32))\n"
-        "      for a, b in zip(got, want[1:]):\n"
-        "        raw = lambda t: t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t\n"
-        "        assert torch.equal(raw(a), raw(b))\n"
-        "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ADACOMP_NO_AVX2": "1"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    if isa != "generic":
+        best = subprocess.run([sys.executable, "-c", "from adacomp import ops; print(ops.cpu_isa())"],
+                              capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "ADACOMP_CPU_ISA"})
+        order = ["generic", "avx2", "avx512"]
+        if order.index(best.stdout.strip()) < order.index(isa):
+            pytest.skip(f"this CPU has no {isa} (its best is {best.stdout.strip()})")
+    proc = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ADACOMP_CPU_ISA": isa})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -80,9 +80,62 @@ struct Piece {
   int64_t b0 = 0, b1 = 0, e0 = 0, e1 = 0;  // bins and entries of the selection it holds
   int width = 0;
   int64_t size = 0;
+  uint8_t* body = nullptr;  // where its body goes in the output
+  int64_t count_bytes = 0, entry_bytes = 0, value_bytes = 0;
 };
 
+// Writes chunk c's share of a gradient's payload bodies (whose bit streams are zeroed): the
+// bits of its bins in the unary count stream, its entries' offset(+sign) fields and their
+// values, each at the position that the bins and entries before it fix, with Q and R = G - Q
+// on the way (finish_range). A chunk may straddle the boundary of two shard pieces; it then
+// writes a segment of each.
+void encode_chunk(const SelectPass& s, const std::vector<Piece>& ps, int kind, int64_t c) {
+  const int64_t b_end = std::min(s.nb, (c + 1) * s.bins_per_chunk);
+  int64_t b = c * s.bins_per_chunk;
+  int64_t e = s.start[c];
+  size_t pi = 0;
+  SegmentWriter w;
+  while (b < b_end) {
+    while (pi + 1 < ps.size() && ps[pi].b1 <= b) ++pi;
+    const Piece& p = ps[pi];
+    const int64_t seg_end = std::min(b_end, p.b1);
+    const int64_t e0 = e;
+    // Count stream: per bin, its count in ones and a zero.
+    w.begin(p.body, (b - p.b0) + (e - p.e0));
+    for (; b < seg_end; ++b) {
+      const int32_t n = s.cnt[b];
+      w.unary(n);
+      e += n;
+    }
+    w.end();
+    const int fbits = p.width + (kind == kValueTernary ? 1 : 0);
+    w.begin(p.body + p.count_bytes, (e0 - p.e0) * fbits);
+    uint8_t* values = p.body + p.count_bytes + p.entry_bytes;
+    const int64_t first = p.e0;
+    const int width = p.width;
+    if (kind == kValueTernary) {
+      finish_range(s, c, e0, e, [&](int64_t, int32_t offset, float q) {
+        w.put((uint64_t)(uint32_t)offset | ((uint64_t)(q < 0.0f) << width), fbits);
+      });
+    } else if (kind == kValueFp16) {
+      finish_range(s, c, e0, e, [&](int64_t j, int32_t offset, float q) {
+        w.put((uint32_t)offset, fbits);
+        const uint16_t h = c10::Half(q).x;
+        std::memcpy(values + 2 * (j - first), &h, 2);
+      });
+    } else {
+      finish_range(s, c, e0, e, [&](int64_t j, int32_t offset, float q) {
+        w.put((uint32_t)offset, fbits);
+        std::memcpy(values + 4 * (j - first), &q, 4);
+      });
+    }
+    w.end();
+  }
+}
+
 // Returns (data uint8, sizes int64[pieces, T], info int64[T, 3] = n_sent, nonfinite, zero).
+// Every gradient's streaming pass runs first (it fixes the sizes); the output is then
+// allocated and each gradient's sent elements are finished straight into their payloads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     at::TensorList grads, at::TensorList residues, at::TensorList residue_outs, at::IntArrayRef bin_sizes,
     at::IntArrayRef shapes, int64_t pieces, int64_t scale_mode, int64_t value_mode) {
@@ -94,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
   const bool split = pieces > 0;  // 0: one payload of the tensor's shape
   if (!split) pieces = 1;
   const int kind = (int)value_mode;
-  std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> sel;
+  std::vector<SelectPass> sel;
   sel.reserve(T);
   std::vector<std::vector<Piece>> layout(T);
   auto info = at::empty({T, 3}, at::kLong);
@@ -113,12 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     TORCH_CHECK_VALUE(numel == g.numel(), "adacomp::compress_bucket: gradient ", t, " has ", g.numel(),
                       " elements, its shape says ", numel);
     const int64_t L = bin_sizes[t];
-    sel.push_back(select_cpu(g, residues[t], const_cast<at::Tensor&>(residue_outs[t]), L, scale_mode,
-                             value_mode));
-    const auto& [counts, offsets, values, scale_t, sinfo] = sel.back();
-    const int64_t k = sinfo.data_ptr<int64_t>()[0];
-    const bool bad = sinfo.data_ptr<int64_t>()[1] != 0;
-    const float scale = scale_t.data_ptr<float>()[0];
+    sel.push_back(select_pass(g, residues[t], const_cast<at::Tensor&>(residue_outs[t]), L, scale_mode,
+                              value_mode));
+    const SelectPass& s = sel.back();
+    const int64_t k = s.k;
+    const bool bad = s.bad;
+    const float scale = s.scale;
     // exchange.all_zero: the head first, the whole gradient only if the head is all zero.
     const float* gp = g.data_ptr<float>();
     bool zero = true;
@@ -131,12 +184,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     if (!split) {
       Piece p;
       p.header = encode_header(dims, ndim, L, bad ? 0 : k, kind, bad, bad ? NAN : scale);
-      p.b1 = counts.numel();
+      p.b1 = s.nb;
       p.e1 = k;
       p.width = offset_width(L);
       ps.push_back(std::move(p));
     } else {
-      const int32_t* cnt = counts.data_ptr<int32_t>();
       int64_t b = 0, e = 0;
       for (const auto& [start, end] : shard_bounds(numel, L, pieces)) {
         const int64_t sbin = std::max<int64_t>(1, std::min(L, end - start));
@@ -146,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
         p.e0 = e;
         const int64_t b1 = (end + L - 1) / L;
         if (!bad)
-          for (; b < b1; ++b) e += cnt[b];
+          for (; b < b1; ++b) e += s.cnt[b];
         b = b1;
         p.b1 = b;
         p.e1 = e;
@@ -155,8 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
         ps.push_back(std::move(p));
       }
     }
-    for (Piece& p : ps)
-      p.size = (int64_t)p.header.size() + (bad ? 0 : body_bytes(p.b1 - p.b0, p.e1 - p.e0, p.width, kind));
+    for (Piece& p : ps) {
+      if (!bad)
+        stream_bytes(p.b1 - p.b0, p.e1 - p.e0, p.width + (kind == kValueTernary ? 1 : 0), kind,
+                     &p.count_bytes, &p.entry_bytes, &p.value_bytes);
+      p.size = (int64_t)p.header.size() + p.count_bytes + p.entry_bytes + p.value_bytes;
+    }
   }
   auto sizes = at::empty({pieces, T}, at::kLong);
   int64_t* sz = sizes.data_ptr<int64_t>();
@@ -164,21 +220,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
   for (int64_t s = 0; s < pieces; ++s)
     for (int64_t t = 0; t < T; ++t) total += (sz[s * T + t] = layout[t][s].size);
   auto data = at::empty({total}, at::kByte);
-  uint8_t* out = data.data_ptr<uint8_t>();
   // Piece-major: every tensor's piece 0, then every tensor's piece 1, ... (what the sharded
   // exchange's all-to-all sends to owner s is one contiguous range).
+  uint8_t* out = data.data_ptr<uint8_t>();
   for (int64_t s = 0; s < pieces; ++s) {
     for (int64_t t = 0; t < T; ++t) {
-      const Piece& p = layout[t][s];
+      Piece& p = layout[t][s];
       std::memcpy(out, p.header.data(), p.header.size());
-      if (inf[3 * t + 1] == 0) {
-        const auto& [counts, offsets, values, scale_t, sinfo] = sel[t];
-        encode_body_into(out + p.header.size(), counts.data_ptr<int32_t>() + p.b0, p.b1 - p.b0,
-                         offsets.data_ptr<int32_t>() + p.e0, values.data_ptr<float>() + p.e0, p.e1 - p.e0,
-                         p.width, kind);
-      }
+      p.body = out + p.header.size();
+      std::memset(p.body, 0, p.count_bytes + p.entry_bytes);  // the bit streams are OR-ed in
       out += p.size;
     }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const SelectPass& s = sel[t];
+    at::parallel_for(0, s.n_chunks, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        if (s.bad)  // no body; the residue is finished all the same (the caller discards it)
+          finish_range(s, c, s.start[c], s.start[c + 1], [](int64_t, int32_t, float) {});
+        else
+          encode_chunk(s, layout[t], kind, c);
+      }
+    });
   }
   return {data, sizes, info};
 }

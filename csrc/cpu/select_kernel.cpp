@@ -3,10 +3,18 @@
 // The tensor is cut into chunks of whole bins processed in parallel. Within a bin the
 // first sweep forms G = R + dW (written straight to residue_out) and the bin maximum, the
 // second sweep (over the same, cache-hot, 50 or 500 elements) tests |G + dW| >= gmax.
-// Sent positions are collected per chunk and concatenated in chunk order, so the output
-// order is the flat order whatever the thread count. The ternary scale needs every bin,
-// so sent elements (a few percent of the tensor) get their residue R = G - Q in a short
-// fix-up over the sent list only: the tensor itself is streamed once.
+// Each chunk stages its sent elements (chunk-local position, offset in the bin, and G) in
+// flat order; chunks are concatenated in chunk order, so the output order is the flat order
+// whatever the thread count. The ternary scale needs every bin, so the sent elements (a few
+// percent of the tensor) get Q and R = G - Q in a second step over the staged elements only
+// (finish_range in kernels.h): the tensor itself is streamed once, and the second step reads
+// nothing back from it.
+//
+// Three versions of the pass, bit-identical (the same fp32 additions and the same integer
+// comparisons), chosen at run time by what the CPU supports: AVX-512 (16 lanes, masked bin
+// tails, in-register compression of the sent lanes), AVX2 (8 lanes, a left-packing table)
+// and a portable one. ADACOMP_CPU_ISA=generic|avx2|avx512 caps the choice (read once per
+// process; the tests use it to check every version against the reference).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "../common.h"
@@ -30,6 +39,7 @@ namespace {
 // and integer compares vectorize without any NaN caveat.
 static inline uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 constexpr uint32_t kInfBits = 0x7F800000u;
+constexpr int64_t kSkipEmptyMinBin = 128;
 
 struct PassArgs {
   const float* d;
@@ -37,9 +47,8 @@ struct PassArgs {
   float* ro;
   int32_t* cnt;
   int64_t n, L, nb, bins_per_chunk;
-  int value_mode;
   bool ternary, binmax;
-  int32_t* stage;        // chunk c stages its sent positions at stage + c * chunk_elems
+  Staged st;             // chunk c stages at offset c * chunk_elems of each array
   int64_t chunk_elems;
   int64_t* chunk_k;      // how many chunk c staged
 };
@@ -59,13 +68,12 @@ static inline void add_term(Acc& acc, float v) {
   ++acc.hcount;
 }
 
-// After a chunk's sweeps (its data still in cache): the selected-mean terms.
+// After a chunk's sweeps: the selected-mean terms.
 static void collect(const PassArgs& a, int64_t c, int64_t k, Acc& acc) {
   a.chunk_k[c] = k;
   if (a.ternary && !a.binmax) {
-    const int32_t* stage = a.stage + c * a.chunk_elems;
-    const float* g = a.ro + c * a.bins_per_chunk * a.L;
-    for (int64_t j = 0; j < k; ++j) add_term(acc, std::fabs(g[stage[j]]));
+    const float* g = a.st.g + c * a.chunk_elems;
+    for (int64_t j = 0; j < k; ++j) add_term(acc, std::fabs(g[j]));
   }
 }
 
@@ -75,14 +83,29 @@ static inline void finish_bin(const PassArgs& a, Acc& acc, int64_t b, int32_t se
   if (a.ternary && a.binmax && sent > 0) add_term(acc, bits_float(gmax_bits));
 }
 
+// The scalar second sweep over elements [i, len) of a bin (the vector versions' tails).
+static inline int64_t stage_tail(const PassArgs& a, int64_t c, int64_t s, int64_t i, int64_t len,
+                                 uint32_t m, int64_t k) {
+  const int64_t at = c * a.chunk_elems;
+  const int32_t local0 = (int32_t)(s - at);
+  const float* d = a.d + s;
+  const float* o = a.ro + s;
+  for (; i < len; ++i) {
+    const float g = o[i];
+    a.st.pos[at + k] = local0 + (int32_t)i;
+    a.st.off[at + k] = (int32_t)i;
+    a.st.g[at + k] = g;
+    k += (abs_bits(g + d[i]) >= m) & (abs_bits(g) != 0);
+  }
+  return k;
+}
+
 // Portable version: two sweeps per bin, the first auto-vectorizes, the second stages
-// sent positions branch-free.
+// sent elements branch-free.
 static void stream_chunks_generic(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
   for (int64_t c = c0; c < c1; ++c) {
-    int32_t* stage = a.stage + c * a.chunk_elems;
     const int64_t b0 = c * a.bins_per_chunk;
     const int64_t b1 = std::min(a.nb, b0 + a.bins_per_chunk);
-    const int64_t base = b0 * a.L;
     int64_t k = 0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * a.L;
@@ -101,12 +124,7 @@ static void stream_chunks_generic(const PassArgs& a, int64_t c0, int64_t c1, Acc
       if (m >= kInfBits) {
         acc.nonfinite = 1;
       } else if (m != 0) {
-        const int32_t local0 = (int32_t)(s - base);
-        for (int64_t i = 0; i < len; ++i) {
-          const float g = o[i];
-          stage[k] = local0 + (int32_t)i;
-          k += (abs_bits(g + d[i]) >= m) & (abs_bits(g) != 0);
-        }
+        k = stage_tail(a, c, s, 0, len, m, k);
       }
       finish_bin(a, acc, b, (int32_t)(k - k0), m);
     }
@@ -116,7 +134,7 @@ static void stream_chunks_generic(const PassArgs& a, int64_t c0, int64_t c1, Acc
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
-#define ADACOMP_HAVE_AVX2_PATH 1
+#define ADACOMP_HAVE_X86_PATHS 1
 
 // For each 8-bit lane mask, the lane numbers of its set bits first (left-packing table).
 struct PackTable {
@@ -134,18 +152,20 @@ static const PackTable kPack;
 
 // AVX2 version of the same two sweeps: 8 lanes, unsigned integer max/compare on the
 // absolute-value bits, and a left-packing permutation that appends the sent lanes to the
-// staging list without a branch. Bit-identical to the generic version: the same fp32
-// additions, the same comparisons.
+// staging arrays without a branch.
+template <bool kSkipEmpty>
 __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a, int64_t c0,
                                                                int64_t c1, Acc& acc) {
   const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
   const __m256i zero = _mm256_setzero_si256();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t c = c0; c < c1; ++c) {
-    int32_t* stage = a.stage + c * a.chunk_elems;
+    const int64_t at = c * a.chunk_elems;
+    int32_t* spos = a.st.pos + at;
+    int32_t* soff = a.st.off + at;
+    float* sg = a.st.g + at;
     const int64_t b0 = c * a.bins_per_chunk;
     const int64_t b1 = std::min(a.nb, b0 + a.bins_per_chunk);
-    const int64_t base = b0 * a.L;
     int64_t k = 0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * a.L;
@@ -175,27 +195,28 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
         acc.nonfinite = 1;
       } else if (m != 0) {
         const __m256i thr = _mm256_set1_epi32((int)m);
-        const int32_t local0 = (int32_t)(s - base);
+        const int32_t local0 = (int32_t)(s - at);
         i = 0;
         for (; i + 8 <= len; i += 8) {
-          const __m256 g = _mm256_loadu_ps(o + i);
-          const __m256i h = _mm256_and_si256(
-              _mm256_castps_si256(_mm256_add_ps(g, _mm256_loadu_ps(d + i))), absmask);
+          // G again from R + dW (the same addition), not reloaded from residue_out: a load
+          // right after the store of the same bytes can stall on store forwarding.
+          const __m256 dv = _mm256_loadu_ps(d + i);
+          const __m256 g = _mm256_add_ps(_mm256_loadu_ps(r + i), dv);
+          const __m256i h = _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(g, dv)), absmask);
           const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h);  // h >= thr
           const __m256i gz =
               _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), absmask), zero);
           const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gz, ge)));
+          if (kSkipEmpty && mask == 0) continue;
           const __m256i lanes = _mm256_load_si256((const __m256i*)kPack.lanes[mask]);
-          const __m256i pos = _mm256_add_epi32(_mm256_permutevar8x32_epi32(iota, lanes),
-                                               _mm256_set1_epi32(local0 + (int32_t)i));
-          _mm256_storeu_si256((__m256i*)(stage + k), pos);
+          const __m256i packed = _mm256_permutevar8x32_epi32(iota, lanes);
+          _mm256_storeu_si256((__m256i*)(spos + k),
+                              _mm256_add_epi32(packed, _mm256_set1_epi32(local0 + (int32_t)i)));
+          _mm256_storeu_si256((__m256i*)(soff + k), _mm256_add_epi32(packed, _mm256_set1_epi32((int32_t)i)));
+          _mm256_storeu_ps(sg + k, _mm256_permutevar8x32_ps(g, lanes));
           k += __builtin_popcount((unsigned)mask);
         }
-        for (; i < len; ++i) {
-          const float g = o[i];
-          stage[k] = local0 + (int32_t)i;
-          k += (abs_bits(g + d[i]) >= m) & (abs_bits(g) != 0);
-        }
+        k = stage_tail(a, c, s, i, len, m, k);
       }
       finish_bin(a, acc, b, (int32_t)(k - k0), m);
     }
@@ -203,29 +224,146 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
   }
 }
 
-static bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// The AVX-512 second sweep over 16 elements (the `valid` lanes of them): stage the lanes
+// with |G + dW| >= gmax and G != 0. A whole vector's lanes are compressed in a register
+// and stored whole (the staging region has room: k <= the elements seen); a bin's last,
+// partial vector is loaded and stored under `valid` (k + popcount(valid) stays inside this
+// chunk's staging region, which a whole store might overrun).
+template <bool kSkipEmpty, bool kWhole>
+__attribute__((target("avx512f"))) static inline int64_t stage16(
+    const float* r, const float* d, int32_t i, __mmask16 valid, __m512i thr, __m512i at0,
+    int32_t* spos, int32_t* soff, float* sg, int64_t k) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 dv = kWhole ? _mm512_loadu_ps(d) : _mm512_maskz_loadu_ps(valid, d);
+  const __m512 g = _mm512_add_ps(kWhole ? _mm512_loadu_ps(r) : _mm512_maskz_loadu_ps(valid, r), dv);
+  const __m512i h = _mm512_and_si512(_mm512_castps_si512(_mm512_add_ps(g, dv)), absmask);
+  const __mmask16 sel =
+      _mm512_mask_cmpge_epu32_mask(_mm512_test_epi32_mask(_mm512_castps_si512(g), absmask), h, thr);
+  if (kSkipEmpty && sel == 0) return k;
+  const __m512i packed = _mm512_add_epi32(_mm512_maskz_compress_epi32(sel, iota), _mm512_set1_epi32(i));
+  const __m512i pos = _mm512_add_epi32(packed, at0);
+  const __m512 gp = _mm512_maskz_compress_ps(sel, g);
+  if (kWhole) {
+    // Rarely more than 8 of 16 lanes are sent: store the low halves (a 512-bit store costs
+    // two 256-bit ones on some CPUs) and the high halves only when needed.
+    _mm256_storeu_si256((__m256i*)(spos + k), _mm512_castsi512_si256(pos));
+    _mm256_storeu_si256((__m256i*)(soff + k), _mm512_castsi512_si256(packed));
+    _mm256_storeu_ps(sg + k, _mm512_castps512_ps256(gp));
+    if (__builtin_expect((sel >> 8) != 0 && __builtin_popcount((unsigned)sel) > 8, 0)) {
+      _mm256_storeu_si256((__m256i*)(spos + k + 8), _mm512_extracti64x4_epi64(pos, 1));
+      _mm256_storeu_si256((__m256i*)(soff + k + 8), _mm512_extracti64x4_epi64(packed, 1));
+      _mm256_storeu_si256((__m256i*)(sg + k + 8),
+                          _mm512_extracti64x4_epi64(_mm512_castps_si512(gp), 1));
+    }
+  } else {
+    _mm512_mask_storeu_epi32(spos + k, valid, pos);
+    _mm512_mask_storeu_epi32(soff + k, valid, packed);
+    _mm512_mask_storeu_ps(sg + k, valid, gp);
+  }
+  return k + __builtin_popcount((unsigned)sel);
+}
+
+// AVX-512 version: 16 lanes; a bin's last, partial vector is a masked load (masked-off
+// lanes read as 0, which changes neither the maximum nor the selection), so a bin of 50
+// takes 4 vector steps per sweep and no scalar tail; the sent lanes are compressed in a
+// register (vpcompressd to memory is slow on some CPUs), see stage16.
+template <bool kSkipEmpty>
+__attribute__((target("avx512f"))) static void stream_chunks_avx512(const PassArgs& a, int64_t c0,
+                                                                   int64_t c1, Acc& acc) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t at = c * a.chunk_elems;
+    int32_t* spos = a.st.pos + at;
+    int32_t* soff = a.st.off + at;
+    float* sg = a.st.g + at;
+    const int64_t b0 = c * a.bins_per_chunk;
+    const int64_t b1 = std::min(a.nb, b0 + a.bins_per_chunk);
+    int64_t k = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = b * a.L;
+      const int64_t len = std::min(a.L, a.n - s);
+      const float* d = a.d + s;
+      const float* r = a.r + s;
+      float* o = a.ro + s;
+      const int64_t full = len & ~(int64_t)15;
+      const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1u);
+      __m512i vm = _mm512_setzero_si512();
+      for (int64_t i = 0; i < full; i += 16) {
+        const __m512 g = _mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(d + i));
+        _mm512_storeu_ps(o + i, g);
+        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(g), absmask));
+      }
+      if (tail) {
+        const __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, r + full),
+                                       _mm512_maskz_loadu_ps(tail, d + full));
+        _mm512_mask_storeu_ps(o + full, tail, g);
+        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(g), absmask));
+      }
+      const uint32_t m = (uint32_t)_mm512_reduce_max_epu32(vm);
+      const int64_t k0 = k;
+      if (m >= kInfBits) {
+        acc.nonfinite = 1;
+      } else if (m != 0) {
+        const __m512i thr = _mm512_set1_epi32((int)m);
+        const int32_t local0 = (int32_t)(s - at);
+        const __m512i at0 = _mm512_set1_epi32(local0);
+        int64_t i = 0;
+        for (; i < full; i += 16)
+          k = stage16<kSkipEmpty, true>(r + i, d + i, (int32_t)i, 0xFFFF, thr, at0, spos, soff, sg, k);
+        if (tail) k = stage16<kSkipEmpty, false>(r + i, d + i, (int32_t)i, tail, thr, at0, spos, soff, sg, k);
+      }
+      finish_bin(a, acc, b, (int32_t)(k - k0), m);
+    }
+    collect(a, c, k, acc);
+  }
 }
 #endif
 
-static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
-#ifdef ADACOMP_HAVE_AVX2_PATH
-  // ADACOMP_NO_AVX2=1 forces the portable path (read once; the tests use it).
-  static const bool use_avx2 = cpu_has_avx2() && std::getenv("ADACOMP_NO_AVX2") == nullptr;
-  if (use_avx2) {
-    stream_chunks_avx2(a, c0, c1, acc);
-    return;
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+static Isa pick_isa() {
+  Isa best = Isa::kGeneric;
+#ifdef ADACOMP_HAVE_X86_PATHS
+  if (__builtin_cpu_supports("avx512f")) {
+    best = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2")) {
+    best = Isa::kAvx2;
   }
+#endif
+  const char* cap = std::getenv("ADACOMP_CPU_ISA");
+  if (cap == nullptr) return best;
+  const std::string want(cap);
+  TORCH_CHECK_VALUE(want == "generic" || want == "avx2" || want == "avx512",
+                    "ADACOMP_CPU_ISA must be generic, avx2 or avx512, got '", want, "'");
+  const Isa asked = want == "generic" ? Isa::kGeneric : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+  return std::min(best, asked);
+}
+
+static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
+  static const Isa isa = pick_isa();
+#ifdef ADACOMP_HAVE_X86_PATHS
+  // A bin sends a few elements whatever its size, so in large bins most vectors send none:
+  // skipping their (useless) staging stores pays there, while in small bins the branch
+  // would be mispredicted too often.
+  const bool skip = a.L >= kSkipEmptyMinBin;
+  if (isa == Isa::kAvx512)
+    return skip ? stream_chunks_avx512<true>(a, c0, c1, acc) : stream_chunks_avx512<false>(a, c0, c1, acc);
+  if (isa == Isa::kAvx2)
+    return skip ? stream_chunks_avx2<true>(a, c0, c1, acc) : stream_chunks_avx2<false>(a, c0, c1, acc);
 #endif
   stream_chunks_generic(a, c0, c1, acc);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
-    const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
-    int64_t bin_size, int64_t scale_mode, int64_t value_mode) {
+const char* select_isa() {
+  static const char* names[] = {"generic", "avx2", "avx512"};
+  return names[(int)pick_isa()];
+}
+
+SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
+                       int64_t bin_size, int64_t scale_mode, int64_t value_mode) {
   TORCH_CHECK_VALUE(bin_size >= 1, "adacomp::select: bin_size must be >= 1, got ", bin_size);
   TORCH_CHECK_VALUE(scale_mode == kScaleBinmaxMean || scale_mode == kScaleSelectedMean,
                     "adacomp::select: unknown scale_mode ", scale_mode);
@@ -248,21 +386,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cp
                     "adacomp::select: grad has ", n, " elements but residue has ",
                     residue.numel(), " and residue_out ", residue_out.numel());
 
+  SelectPass s;
   const int64_t L = bin_size;
   const int64_t nb = n == 0 ? 0 : (n + L - 1) / L;
-  const float* d = grad.data_ptr<float>();
-  const float* r = residue.data_ptr<float>();
-  float* ro = residue_out.data_ptr<float>();
-  auto counts = at::empty({nb}, grad.options().dtype(at::kInt));
-  int32_t* cnt = counts.data_ptr<int32_t>();
+  s.n = n;
+  s.L = L;
+  s.nb = nb;
+  s.value_mode = (int)value_mode;
+  s.ro = residue_out.data_ptr<float>();
+  s.counts = at::empty({nb}, grad.options().dtype(at::kInt));
+  int32_t* cnt = s.counts.data_ptr<int32_t>();
+  s.cnt = cnt;
 
-  const int64_t bins_per_chunk = std::max<int64_t>(1, 32768 / L);
-  const int64_t chunk_elems = std::min(bins_per_chunk * L, n);
-  const int64_t n_chunks = nb == 0 ? 0 : (nb + bins_per_chunk - 1) / bins_per_chunk;
-  // Staging area: one region per chunk, +8 for the last 8-lane store. Left uninitialised:
-  // a chunk touches only the few pages it stages into.
-  std::unique_ptr<int32_t[]> stage(new int32_t[(size_t)(n_chunks * chunk_elems + 8)]);
-  std::vector<int64_t> chunk_k(n_chunks, 0);
+  s.bins_per_chunk = std::max<int64_t>(1, 32768 / L);
+  s.chunk_elems = std::min(s.bins_per_chunk * L, n);
+  s.n_chunks = nb == 0 ? 0 : (nb + s.bins_per_chunk - 1) / s.bins_per_chunk;
+  // Staging: one region per chunk in each of three arrays. Left uninitialised: a chunk
+  // touches only the few pages it stages into.
+  const size_t region = (size_t)(s.n_chunks * s.chunk_elems);
+  s.stage.reset(new int32_t[3 * region]);
+  s.st = Staged{s.stage.get(), s.stage.get() + region, reinterpret_cast<float*>(s.stage.get() + 2 * region)};
+  std::vector<int64_t> chunk_k(s.n_chunks, 0);
   const int n_threads = at::get_num_threads();
   std::vector<uint64_t> hist((size_t)n_threads * kHistSize, 0);
   std::vector<int64_t> hist_count(n_threads, 0);
@@ -270,10 +414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cp
   const bool ternary = value_mode == kValueTernary;
   const bool binmax = scale_mode == kScaleBinmaxMean;
 
-  const PassArgs args{d,       r,      ro,          cnt,           n,
-                      L,       nb,     bins_per_chunk, (int)value_mode, ternary,
-                      binmax,  stage.get(), chunk_elems, chunk_k.data()};
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  const PassArgs args{grad.data_ptr<float>(), residue.data_ptr<float>(), s.ro, cnt, n, L, nb,
+                      s.bins_per_chunk, ternary, binmax, s.st, s.chunk_elems, chunk_k.data()};
+  at::parallel_for(0, s.n_chunks, 1, [&](int64_t c0, int64_t c1) {
     const int tid = at::get_thread_num();
     Acc acc;
     acc.hist = hist.data() + (size_t)tid * kHistSize;
@@ -283,13 +426,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cp
     bad[tid] |= acc.nonfinite ? 1 : 0;
   });
 
-  std::vector<int64_t> start(n_chunks + 1, 0);
-  for (int64_t c = 0; c < n_chunks; ++c) start[c + 1] = start[c] + chunk_k[c];
-  const int64_t k = start[n_chunks];
-  bool any_bad = false;
-  for (char x : bad) any_bad |= x != 0;
-
-  float scale = 0.0f;
+  s.start.assign(s.n_chunks + 1, 0);
+  for (int64_t c = 0; c < s.n_chunks; ++c) s.start[c + 1] = s.start[c] + chunk_k[c];
+  s.k = s.start[s.n_chunks];
+  for (char x : bad) s.bad |= x != 0;
   if (ternary) {
     uint64_t total[kHistSize] = {0};
     uint64_t count = 0;
@@ -297,44 +437,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cp
       for (int e = 0; e < kHistSize; ++e) total[e] += hist[(size_t)t * kHistSize + e];
       count += (uint64_t)hist_count[t];
     }
-    scale = any_bad ? NAN : combine_histogram(total, count);
+    s.scale = s.bad ? NAN : combine_histogram(total, count);
   }
+  return s;
+}
 
-  // Compaction and the fix-up of the sent elements only: offsets from the per-bin counts
-  // (no division), Q, and R = G - Q.
-  auto offsets = at::empty({k}, grad.options().dtype(at::kInt));
-  auto values = at::empty({k}, grad.options());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
+    const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
+    int64_t bin_size, int64_t scale_mode, int64_t value_mode) {
+  SelectPass s = select_pass(grad, residue, residue_out, bin_size, scale_mode, value_mode);
+  // Compaction and the fix-up of the sent elements only: Q and R = G - Q.
+  auto offsets = at::empty({s.k}, grad.options().dtype(at::kInt));
+  auto values = at::empty({s.k}, grad.options());
   int32_t* off = offsets.data_ptr<int32_t>();
   float* val = values.data_ptr<float>();
-  const int vm = (int)value_mode;
-  at::parallel_for(0, n_chunks, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int32_t* st = stage.get() + c * chunk_elems;
-      const int64_t b0 = c * bins_per_chunk;
-      const int64_t b1 = std::min(nb, b0 + bins_per_chunk);
-      const int64_t base = b0 * L;
-      int64_t j = start[c];
-      const int64_t jend = start[c + 1];
-      for (int64_t b = b0; b < b1 && j < jend; ++b) {
-        const int32_t bin_start = (int32_t)(b * L - base);
-        for (int32_t t = 0; t < cnt[b]; ++t, ++j, ++st) {
-          const int64_t i = base + *st;
-          const float g = ro[i];
-          const float q = ternary ? (g < 0.0f ? -scale : scale) : round_value(g, vm);
-          off[j] = *st - bin_start;
-          val[j] = q;
-          ro[i] = g - q;
-        }
-      }
-    }
+  at::parallel_for(0, s.n_chunks, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      finish_range(s, c, s.start[c], s.start[c + 1], [&](int64_t j, int32_t offset, float q) {
+        off[j] = offset;
+        val[j] = q;
+      });
   });
-
   auto scale_t = at::empty({1}, grad.options());
-  scale_t.data_ptr<float>()[0] = scale;
+  scale_t.data_ptr<float>()[0] = s.scale;
   auto info = at::empty({2}, grad.options().dtype(at::kLong));
-  info.data_ptr<int64_t>()[0] = k;
-  info.data_ptr<int64_t>()[1] = any_bad ? 1 : 0;
-  return {counts, offsets, values, scale_t, info};
+  info.data_ptr<int64_t>()[0] = s.k;
+  info.data_ptr<int64_t>()[1] = s.bad ? 1 : 0;
+  return {s.counts, offsets, values, scale_t, info};
 }
 
 TORCH_LIBRARY_IMPL(adacomp, CPU, m) { m.impl("select", &select_cpu); }
