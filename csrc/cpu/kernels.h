@@ -27,6 +27,16 @@ struct Staged {
   float* g;      // G = R + dW
 };
 
+// Staging memory comes from a small pool (select_kernel.cpp) so that its pages stay mapped
+// from call to call: a fresh allocation of a large tensor's staging area costs a page
+// fault for every page a chunk stages into (about 1 ms per call at 4M elements).
+struct StageRelease {
+  size_t capacity = 0;  // int32 slots
+  void operator()(int32_t* p) const;
+};
+using StageBuffer = std::unique_ptr<int32_t[], StageRelease>;
+StageBuffer acquire_stage(size_t slots);
+
 // What the selection's streaming pass leaves behind (select_kernel.cpp, select_pass):
 // residue_out holds G = R + dW everywhere, counts the sent elements per bin, and each
 // chunk of bins_per_chunk bins has staged its sent elements. They still need their Q and
@@ -37,7 +47,7 @@ struct SelectPass {
   const int32_t* cnt = nullptr;
   float* ro = nullptr;
   int64_t n = 0, L = 1, nb = 0, bins_per_chunk = 1, chunk_elems = 0, n_chunks = 0;
-  std::unique_ptr<int32_t[]> stage;  // the storage of st
+  StageBuffer stage;                 // the storage of st
   Staged st{};                       // chunk c's elements at index c * chunk_elems
   std::vector<int64_t> start;        // [n_chunks + 1]: index of chunk c's first sent element
   int64_t k = 0;                     // elements sent
@@ -109,7 +119,7 @@ struct SegmentWriter {
   static void or_byte(uint8_t* q, uint8_t v) {
     if (v) std::atomic_ref<uint8_t>(*q).fetch_or(v, std::memory_order_relaxed);
   }
-  inline void put(uint64_t bits, int n) {  // n <= 32, bits < 2^n
+  __attribute__((always_inline)) inline void put(uint64_t bits, int n) {  // n <= 32, bits < 2^n
     acc |= bits << nacc;
     nacc += n;
     if (nacc >= 32) {

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -357,6 +358,42 @@ static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
 
 }  // namespace
 
+namespace {
+std::mutex stage_pool_mutex;
+std::vector<std::pair<int32_t*, size_t>> stage_pool;  // free buffers and their capacities
+constexpr size_t kStagePoolSize = 16;
+}  // namespace
+
+StageBuffer acquire_stage(size_t slots) {
+  {
+    const std::lock_guard<std::mutex> lock(stage_pool_mutex);
+    size_t best = stage_pool.size();
+    for (size_t i = 0; i < stage_pool.size(); ++i)
+      if (stage_pool[i].second >= slots &&
+          (best == stage_pool.size() || stage_pool[i].second < stage_pool[best].second))
+        best = i;
+    if (best < stage_pool.size()) {
+      const auto [p, capacity] = stage_pool[best];
+      stage_pool.erase(stage_pool.begin() + (std::ptrdiff_t)best);
+      return StageBuffer(p, StageRelease{capacity});
+    }
+  }
+  return StageBuffer(new int32_t[std::max<size_t>(slots, 1)], StageRelease{std::max<size_t>(slots, 1)});
+}
+
+// Back to the pool; past kStagePoolSize buffers the smallest is freed (a bucket holds one
+// per tensor while it is being compressed). Only the pages a selection touched are resident.
+void StageRelease::operator()(int32_t* p) const {
+  const std::lock_guard<std::mutex> lock(stage_pool_mutex);
+  stage_pool.emplace_back(p, capacity);
+  if (stage_pool.size() > kStagePoolSize) {
+    auto smallest = std::min_element(stage_pool.begin(), stage_pool.end(),
+                                     [](const auto& a, const auto& b) { return a.second < b.second; });
+    delete[] smallest->first;
+    stage_pool.erase(smallest);
+  }
+}
+
 const char* select_isa() {
   static const char* names[] = {"generic", "avx2", "avx512"};
   return names[(int)pick_isa()];
@@ -404,7 +441,7 @@ SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Te
   // Staging: one region per chunk in each of three arrays. Left uninitialised: a chunk
   // touches only the few pages it stages into.
   const size_t region = (size_t)(s.n_chunks * s.chunk_elems);
-  s.stage.reset(new int32_t[3 * region]);
+  s.stage = acquire_stage(3 * region);
   s.st = Staged{s.stage.get(), s.stage.get() + region, reinterpret_cast<float*>(s.stage.get() + 2 * region)};
   std::vector<int64_t> chunk_k(s.n_chunks, 0);
   const int n_threads = at::get_num_threads();
