@@ -51,7 +51,7 @@ TORCH_LIBRARY(adacomp, m) {
   // same (out, start, end) are summed in order, and the sum divided by divisor (>= 1; the
   // float division, as Tensor.div_). Nothing is written unless all are valid.
   m.def("decode_bucket_(Tensor(a!)[] outs, Tensor[] rows, int[] entries, int divisor=1) -> ()");
-  // The vector version the CPU selection runs on this machine: "avx512", "avx2" or
-  // "generic" (at most what ADACOMP_CPU_ISA allows).
+  // The vector version the CPU selection runs on this machine: "avx2" or "generic" (at
+  // most what ADACOMP_CPU_ISA allows).
   m.def("cpu_isa() -> str", [] { return std::string(adacomp::select_isa()); });
 }

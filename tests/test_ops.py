@@ -271,7 +271,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_every_cpu_kernel_version_matches_reference(isa):
     """Each vector version of the C++ selection (chosen with ADACOMP_CPU_ISA, read once per
     process, hence the subprocess) against the reference: the selection op, and whole
@@ -286,7 +286,7 @@ def test_every_cpu_kernel_version_matches_reference(isa):
         best = subprocess.run([sys.executable, "-c", "from adacomp import ops; print(ops.cpu_isa())"],
                               capture_output=True, text=True, timeout=120,
                               env={k: v for k, v in os.environ.items() if k != "ADACOMP_CPU_ISA"})
-        order = ["generic", "avx2", "avx512"]
+        order = ["generic", "avx2"]
         if order.index(best.stdout.strip()) < order.index(isa):
             pytest.skip(f"this CPU has no {isa} (its best is {best.stdout.strip()})")
     proc = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], capture_output=True, text=True,

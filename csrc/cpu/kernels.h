@@ -61,7 +61,7 @@ struct SelectPass {
 SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
                        int64_t bin_size, int64_t scale_mode, int64_t value_mode);
 
-// The vector version select_pass runs on this CPU ("generic", "avx2" or "avx512").
+// The vector version select_pass runs on this CPU ("generic" or "avx2").
 const char* select_isa();
 
 // Step 6 for the sent elements j0 <= j < j1 of chunk c (global indices, within

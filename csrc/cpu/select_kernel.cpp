@@ -10,11 +10,12 @@
 // (finish_range in kernels.h): the tensor itself is streamed once, and the second step reads
 // nothing back from it.
 //
-// Three versions of the pass, bit-identical (the same fp32 additions and the same integer
-// comparisons), chosen at run time by what the CPU supports: AVX-512 (16 lanes, masked bin
-// tails, in-register compression of the sent lanes), AVX2 (8 lanes, a left-packing table)
-// and a portable one. ADACOMP_CPU_ISA=generic|avx2|avx512 caps the choice (read once per
-// process; the tests use it to check every version against the reference).
+// Two versions of the pass, bit-identical (the same fp32 additions and the same integer
+// comparisons), chosen at run time by what the CPU supports: AVX2 (8 lanes, a left-packing
+// table) and a portable one. ADACOMP_CPU_ISA=generic|avx2 caps the choice (read once per
+// process; the tests use it to check both against the reference). An AVX-512 version (16
+// lanes, masked bin tails, in-register compression) was tried on this project's Zen 4
+// machine and dropped: it was 10-20 % slower than AVX2 once the tensors outgrow the cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,7 +41,6 @@ namespace {
 // and integer compares vectorize without any NaN caveat.
 static inline uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 constexpr uint32_t kInfBits = 0x7F800000u;
-constexpr int64_t kSkipEmptyMinBin = 128;
 
 struct PassArgs {
   const float* d;
@@ -154,7 +154,6 @@ static const PackTable kPack;
 // AVX2 version of the same two sweeps: 8 lanes, unsigned integer max/compare on the
 // absolute-value bits, and a left-packing permutation that appends the sent lanes to the
 // staging arrays without a branch.
-template <bool kSkipEmpty>
 __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a, int64_t c0,
                                                                int64_t c1, Acc& acc) {
   const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
@@ -199,16 +198,13 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
         const int32_t local0 = (int32_t)(s - at);
         i = 0;
         for (; i + 8 <= len; i += 8) {
-          // G again from R + dW (the same addition), not reloaded from residue_out: a load
-          // right after the store of the same bytes can stall on store forwarding.
-          const __m256 dv = _mm256_loadu_ps(d + i);
-          const __m256 g = _mm256_add_ps(_mm256_loadu_ps(r + i), dv);
-          const __m256i h = _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(g, dv)), absmask);
+          const __m256 g = _mm256_loadu_ps(o + i);
+          const __m256i h = _mm256_and_si256(
+              _mm256_castps_si256(_mm256_add_ps(g, _mm256_loadu_ps(d + i))), absmask);
           const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h);  // h >= thr
           const __m256i gz =
               _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), absmask), zero);
           const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gz, ge)));
-          if (kSkipEmpty && mask == 0) continue;
           const __m256i lanes = _mm256_load_si256((const __m256i*)kPack.lanes[mask]);
           const __m256i packed = _mm256_permutevar8x32_epi32(iota, lanes);
           _mm256_storeu_si256((__m256i*)(spos + k),
@@ -224,134 +220,28 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
     collect(a, c, k, acc);
   }
 }
-
-// The AVX-512 second sweep over 16 elements (the `valid` lanes of them): stage the lanes
-// with |G + dW| >= gmax and G != 0. A whole vector's lanes are compressed in a register
-// and stored whole (the staging region has room: k <= the elements seen); a bin's last,
-// partial vector is loaded and stored under `valid` (k + popcount(valid) stays inside this
-// chunk's staging region, which a whole store might overrun).
-template <bool kSkipEmpty, bool kWhole>
-__attribute__((target("avx512f"))) static inline int64_t stage16(
-    const float* r, const float* d, int32_t i, __mmask16 valid, __m512i thr, __m512i at0,
-    int32_t* spos, int32_t* soff, float* sg, int64_t k) {
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 dv = kWhole ? _mm512_loadu_ps(d) : _mm512_maskz_loadu_ps(valid, d);
-  const __m512 g = _mm512_add_ps(kWhole ? _mm512_loadu_ps(r) : _mm512_maskz_loadu_ps(valid, r), dv);
-  const __m512i h = _mm512_and_si512(_mm512_castps_si512(_mm512_add_ps(g, dv)), absmask);
-  const __mmask16 sel =
-      _mm512_mask_cmpge_epu32_mask(_mm512_test_epi32_mask(_mm512_castps_si512(g), absmask), h, thr);
-  if (kSkipEmpty && sel == 0) return k;
-  const __m512i packed = _mm512_add_epi32(_mm512_maskz_compress_epi32(sel, iota), _mm512_set1_epi32(i));
-  const __m512i pos = _mm512_add_epi32(packed, at0);
-  const __m512 gp = _mm512_maskz_compress_ps(sel, g);
-  if (kWhole) {
-    // Rarely more than 8 of 16 lanes are sent: store the low halves (a 512-bit store costs
-    // two 256-bit ones on some CPUs) and the high halves only when needed.
-    _mm256_storeu_si256((__m256i*)(spos + k), _mm512_castsi512_si256(pos));
-    _mm256_storeu_si256((__m256i*)(soff + k), _mm512_castsi512_si256(packed));
-    _mm256_storeu_ps(sg + k, _mm512_castps512_ps256(gp));
-    if (__builtin_expect((sel >> 8) != 0 && __builtin_popcount((unsigned)sel) > 8, 0)) {
-      _mm256_storeu_si256((__m256i*)(spos + k + 8), _mm512_extracti64x4_epi64(pos, 1));
-      _mm256_storeu_si256((__m256i*)(soff + k + 8), _mm512_extracti64x4_epi64(packed, 1));
-      _mm256_storeu_si256((__m256i*)(sg + k + 8),
-                          _mm512_extracti64x4_epi64(_mm512_castps_si512(gp), 1));
-    }
-  } else {
-    _mm512_mask_storeu_epi32(spos + k, valid, pos);
-    _mm512_mask_storeu_epi32(soff + k, valid, packed);
-    _mm512_mask_storeu_ps(sg + k, valid, gp);
-  }
-  return k + __builtin_popcount((unsigned)sel);
-}
-
-// AVX-512 version: 16 lanes; a bin's last, partial vector is a masked load (masked-off
-// lanes read as 0, which changes neither the maximum nor the selection), so a bin of 50
-// takes 4 vector steps per sweep and no scalar tail; the sent lanes are compressed in a
-// register (vpcompressd to memory is slow on some CPUs), see stage16.
-template <bool kSkipEmpty>
-__attribute__((target("avx512f"))) static void stream_chunks_avx512(const PassArgs& a, int64_t c0,
-                                                                   int64_t c1, Acc& acc) {
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t at = c * a.chunk_elems;
-    int32_t* spos = a.st.pos + at;
-    int32_t* soff = a.st.off + at;
-    float* sg = a.st.g + at;
-    const int64_t b0 = c * a.bins_per_chunk;
-    const int64_t b1 = std::min(a.nb, b0 + a.bins_per_chunk);
-    int64_t k = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t s = b * a.L;
-      const int64_t len = std::min(a.L, a.n - s);
-      const float* d = a.d + s;
-      const float* r = a.r + s;
-      float* o = a.ro + s;
-      const int64_t full = len & ~(int64_t)15;
-      const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1u);
-      __m512i vm = _mm512_setzero_si512();
-      for (int64_t i = 0; i < full; i += 16) {
-        const __m512 g = _mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(d + i));
-        _mm512_storeu_ps(o + i, g);
-        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(g), absmask));
-      }
-      if (tail) {
-        const __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, r + full),
-                                       _mm512_maskz_loadu_ps(tail, d + full));
-        _mm512_mask_storeu_ps(o + full, tail, g);
-        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(g), absmask));
-      }
-      const uint32_t m = (uint32_t)_mm512_reduce_max_epu32(vm);
-      const int64_t k0 = k;
-      if (m >= kInfBits) {
-        acc.nonfinite = 1;
-      } else if (m != 0) {
-        const __m512i thr = _mm512_set1_epi32((int)m);
-        const int32_t local0 = (int32_t)(s - at);
-        const __m512i at0 = _mm512_set1_epi32(local0);
-        int64_t i = 0;
-        for (; i < full; i += 16)
-          k = stage16<kSkipEmpty, true>(r + i, d + i, (int32_t)i, 0xFFFF, thr, at0, spos, soff, sg, k);
-        if (tail) k = stage16<kSkipEmpty, false>(r + i, d + i, (int32_t)i, tail, thr, at0, spos, soff, sg, k);
-      }
-      finish_bin(a, acc, b, (int32_t)(k - k0), m);
-    }
-    collect(a, c, k, acc);
-  }
-}
 #endif
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+enum class Isa { kGeneric, kAvx2 };
 
 static Isa pick_isa() {
   Isa best = Isa::kGeneric;
 #ifdef ADACOMP_HAVE_X86_PATHS
-  if (__builtin_cpu_supports("avx512f")) {
-    best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2")) {
-    best = Isa::kAvx2;
-  }
+  if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
 #endif
   const char* cap = std::getenv("ADACOMP_CPU_ISA");
   if (cap == nullptr) return best;
   const std::string want(cap);
-  TORCH_CHECK_VALUE(want == "generic" || want == "avx2" || want == "avx512",
-                    "ADACOMP_CPU_ISA must be generic, avx2 or avx512, got '", want, "'");
-  const Isa asked = want == "generic" ? Isa::kGeneric : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+  TORCH_CHECK_VALUE(want == "generic" || want == "avx2",
+                    "ADACOMP_CPU_ISA must be generic or avx2, got '", want, "'");
+  const Isa asked = want == "generic" ? Isa::kGeneric : Isa::kAvx2;
   return std::min(best, asked);
 }
 
 static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
   static const Isa isa = pick_isa();
 #ifdef ADACOMP_HAVE_X86_PATHS
-  // A bin sends a few elements whatever its size, so in large bins most vectors send none:
-  // skipping their (useless) staging stores pays there, while in small bins the branch
-  // would be mispredicted too often.
-  const bool skip = a.L >= kSkipEmptyMinBin;
-  if (isa == Isa::kAvx512)
-    return skip ? stream_chunks_avx512<true>(a, c0, c1, acc) : stream_chunks_avx512<false>(a, c0, c1, acc);
-  if (isa == Isa::kAvx2)
-    return skip ? stream_chunks_avx2<true>(a, c0, c1, acc) : stream_chunks_avx2<false>(a, c0, c1, acc);
+  if (isa == Isa::kAvx2) return stream_chunks_avx2(a, c0, c1, acc);
 #endif
   stream_chunks_generic(a, c0, c1, acc);
 }
@@ -361,10 +251,16 @@ static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
 namespace {
 std::mutex stage_pool_mutex;
 std::vector<std::pair<int32_t*, size_t>> stage_pool;  // free buffers and their capacities
-constexpr size_t kStagePoolSize = 16;
+size_t stage_pool_slots = 0;                            // their total capacity
+// A bucket holds one buffer per tensor while it is compressed (the GPT of the benchmarks
+// has 27 in one bucket), so the pool keeps up to 256 of them, with at most 2^28 slots in
+// all (1 GiB of address space; only the pages a selection touched are resident).
+constexpr size_t kStagePoolBuffers = 256;
+constexpr size_t kStagePoolSlots = (size_t)1 << 28;
 }  // namespace
 
 StageBuffer acquire_stage(size_t slots) {
+  slots = std::max<size_t>(slots, 1);
   {
     const std::lock_guard<std::mutex> lock(stage_pool_mutex);
     size_t best = stage_pool.size();
@@ -375,27 +271,29 @@ StageBuffer acquire_stage(size_t slots) {
     if (best < stage_pool.size()) {
       const auto [p, capacity] = stage_pool[best];
       stage_pool.erase(stage_pool.begin() + (std::ptrdiff_t)best);
+      stage_pool_slots -= capacity;
       return StageBuffer(p, StageRelease{capacity});
     }
   }
-  return StageBuffer(new int32_t[std::max<size_t>(slots, 1)], StageRelease{std::max<size_t>(slots, 1)});
+  return StageBuffer(new int32_t[slots], StageRelease{slots});
 }
 
-// Back to the pool; past kStagePoolSize buffers the smallest is freed (a bucket holds one
-// per tensor while it is being compressed). Only the pages a selection touched are resident.
+// Back to the pool; past its limits the largest buffers are freed.
 void StageRelease::operator()(int32_t* p) const {
   const std::lock_guard<std::mutex> lock(stage_pool_mutex);
   stage_pool.emplace_back(p, capacity);
-  if (stage_pool.size() > kStagePoolSize) {
-    auto smallest = std::min_element(stage_pool.begin(), stage_pool.end(),
-                                     [](const auto& a, const auto& b) { return a.second < b.second; });
-    delete[] smallest->first;
-    stage_pool.erase(smallest);
+  stage_pool_slots += capacity;
+  while (stage_pool.size() > kStagePoolBuffers || stage_pool_slots > kStagePoolSlots) {
+    auto largest = std::max_element(stage_pool.begin(), stage_pool.end(),
+                                    [](const auto& a, const auto& b) { return a.second < b.second; });
+    stage_pool_slots -= largest->second;
+    delete[] largest->first;
+    stage_pool.erase(largest);
   }
 }
 
 const char* select_isa() {
-  static const char* names[] = {"generic", "avx2", "avx512"};
+  static const char* names[] = {"generic", "avx2"};
   return names[(int)pick_isa()];
 }
 
