@@ -250,7 +250,7 @@ static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
 
 namespace {
 std::mutex stage_pool_mutex;
-std::vector<std::pair<int32_t*, size_t>> stage_pool;  // free buffers and their capacities
+std::vector<std::pair<int32_t*, size_t>> stage_pool;  // free buffers, oldest first
 size_t stage_pool_slots = 0;                            // their total capacity
 // A bucket holds one buffer per tensor while it is compressed (the GPT of the benchmarks
 // has 27 in one bucket), so the pool keeps up to 256 of them, with at most 2^28 slots in
@@ -278,17 +278,18 @@ StageBuffer acquire_stage(size_t slots) {
   return StageBuffer(new int32_t[slots], StageRelease{slots});
 }
 
-// Back to the pool; past its limits the largest buffers are freed.
+// Back to the pool; past its limits the least recently returned buffers are freed (the
+// one just returned is kept even if it alone is over the limit, so that one huge tensor
+// does not fault its staging pages in again on every call).
 void StageRelease::operator()(int32_t* p) const {
   const std::lock_guard<std::mutex> lock(stage_pool_mutex);
   stage_pool.emplace_back(p, capacity);
   stage_pool_slots += capacity;
-  while (stage_pool.size() > kStagePoolBuffers || stage_pool_slots > kStagePoolSlots) {
-    auto largest = std::max_element(stage_pool.begin(), stage_pool.end(),
-                                    [](const auto& a, const auto& b) { return a.second < b.second; });
-    stage_pool_slots -= largest->second;
-    delete[] largest->first;
-    stage_pool.erase(largest);
+  while (stage_pool.size() > 1 &&
+         (stage_pool.size() > kStagePoolBuffers || stage_pool_slots > kStagePoolSlots)) {
+    stage_pool_slots -= stage_pool.front().second;
+    delete[] stage_pool.front().first;
+    stage_pool.erase(stage_pool.begin());
   }
 }
 
