@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -179,7 +180,8 @@ int visit_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, flo
       prev = o;
       float v;
       if (l.kind == kValueTernary) {
-        v = (f >> l.width) ? -scale : scale;
+        // -scale by flipping the sign bit (exact), without a branch on the (random) sign
+        v = bits_float(float_bits(scale) ^ ((uint32_t)(f >> l.width) << 31));
       } else if (l.kind == kValueFp16) {
         uint16_t hb;
         memcpy(&hb, values + 2 * j, 2);
@@ -220,6 +222,26 @@ struct DecodedBody {
   std::vector<float> value;
 };
 
+// Decoded bodies are applied block by block: each block of an output (kApplyBlock
+// elements, L2-sized) receives every body's contributions in order while it is in cache.
+constexpr int64_t kApplyBlock = 1 << 16;
+
+// out[i - lo] += what d adds at index i, for lo <= i < hi (d's indices count from out's
+// first element at index 0; pass out already offset by lo).
+inline void add_block(const DecodedBody& d, float* out, int64_t lo, int64_t hi) {
+  if (d.dense) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float v;
+      memcpy(&v, d.dense + i, 4);
+      out[i - lo] += v;
+    }
+    return;
+  }
+  auto it = std::lower_bound(d.index.begin(), d.index.end(), lo);
+  for (size_t j = (size_t)(it - d.index.begin()); j < d.index.size() && d.index[j] < hi; ++j)
+    out[d.index[j] - lo] += d.value[j];
+}
+
 // Validates one body and collects what it adds into *out; returns a DecodeError code.
 inline int decode_body(const uint8_t* body, int64_t body_bytes, const BodyLayout& l, float scale,
                        DecodedBody* out) {
@@ -227,12 +249,16 @@ inline int decode_body(const uint8_t* body, int64_t body_bytes, const BodyLayout
     out->dense = reinterpret_cast<const float*>(body);
     return walk_body<false>(body, body_bytes, l, scale, nullptr);
   }
-  out->index.reserve(l.n_sent);
-  out->value.reserve(l.n_sent);
-  return visit_body(body, body_bytes, l, scale, [out](int64_t i, float v) {
-    out->index.push_back(i);
-    out->value.push_back(v);
-  });
+  // Written through pointers held by value in the visitor, not push_back (whose size and
+  // capacity the compiler reloads after every store): visit_body never visits more than
+  // n_sent elements, and on success exactly n_sent (on error the lists are not used).
+  out->index.resize(l.n_sent);
+  out->value.resize(l.n_sent);
+  return visit_body(body, body_bytes, l, scale,
+                    [index = out->index.data(), value = out->value.data()](int64_t i, float v) mutable {
+                      *index++ = i;
+                      *value++ = v;
+                    });
 }
 
 }  // namespace adacomp

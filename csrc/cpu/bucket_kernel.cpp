@@ -541,36 +541,33 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
                         decode_error_message(code));
     }
   }
-  // Apply: each range zeroed, then its payloads added in order (the sum decompress_sum_
-  // forms); ranges are disjoint, so they run in parallel.
-  at::parallel_for(0, (int64_t)G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
+  // Apply, block by block (kApplyBlock elements): each block of a range is zeroed, receives
+  // its payloads' contributions in order (the sum decompress_sum_ forms) and is divided,
+  // while it is in cache: one pass over the outputs. Blocks are disjoint, so they run in
+  // parallel.
+  std::vector<std::pair<size_t, int64_t>> blocks;  // (group, first element in the range)
+  for (size_t g = 0; g < G; ++g) {
+    const Entry& first = ent[group_start[g]];
+    for (int64_t lo = 0; lo < first.end - first.start; lo += kApplyBlock) blocks.emplace_back(g, lo);
+  }
+  std::vector<char> group_nonfinite(G, 0);
+  for (size_t g = 0; g < G; ++g)
+    for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) group_nonfinite[g] |= ent[i].nonfinite;
+  const float d = (float)divisor;
+  at::parallel_for(0, (int64_t)blocks.size(), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto [g, lo] = blocks[k];
       const Entry& first = ent[group_start[g]];
-      float* o = outs[first.out].data_ptr<float>() + first.start;
-      const int64_t len = first.end - first.start;
-      bool nonfinite = false;
-      for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) nonfinite |= ent[i].nonfinite;
-      if (nonfinite) {
-        std::fill(o, o + len, NAN);
+      const int64_t hi = std::min(first.end - first.start, lo + kApplyBlock);
+      float* o = outs[first.out].data_ptr<float>() + first.start + lo;
+      if (group_nonfinite[g]) {
+        std::fill(o, o + (hi - lo), NAN);
         continue;
       }
-      std::fill(o, o + len, 0.0f);
-      for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
-        const Entry& e = ent[i];
-        if (e.dense) {
-          for (int64_t j = 0; j < len; ++j) {
-            float v;
-            std::memcpy(&v, e.dense + j, 4);
-            o[j] += v;
-          }
-        } else {
-          for (size_t j = 0; j < e.index.size(); ++j) o[e.index[j]] += e.value[j];
-        }
-      }
-      if (divisor > 1) {  // the average, while the range is still in cache
-        const float d = (float)divisor;
-        for (int64_t j = 0; j < len; ++j) o[j] /= d;
-      }
+      std::fill(o, o + (hi - lo), 0.0f);
+      for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) add_block(ent[i], o, lo, hi);
+      if (divisor > 1)  // the average (Tensor.div_'s rounding)
+        for (int64_t j = 0; j < hi - lo; ++j) o[j] /= d;
     }
   });
 }

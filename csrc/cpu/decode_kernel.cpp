@@ -21,7 +21,6 @@ namespace adacomp {
 namespace {
 
 constexpr int kMetaPerPayload = 8;
-constexpr int64_t kBlock = 1 << 16;  // elements of out per block (256 KB)
 
 struct Decoded : DecodedBody {
   bool nonfinite = false;
@@ -68,23 +67,11 @@ void decompress_sum_cpu(at::Tensor& out, at::TensorList data, at::IntArrayRef me
     return;
   }
   float* o = out.data_ptr<float>();
-  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+  const int64_t n_blocks = (n + kApplyBlock - 1) / kApplyBlock;
   at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t lo = k * kBlock, hi = std::min(n, lo + kBlock);
-      for (const Decoded& d : dec) {
-        if (d.dense) {
-          for (int64_t i = lo; i < hi; ++i) {
-            float v;
-            memcpy(&v, d.dense + i, 4);
-            o[i] += v;
-          }
-          continue;
-        }
-        auto it = std::lower_bound(d.index.begin(), d.index.end(), lo);
-        for (size_t j = (size_t)(it - d.index.begin()); j < d.index.size() && d.index[j] < hi; ++j)
-          o[d.index[j]] += d.value[j];
-      }
+      const int64_t lo = k * kApplyBlock, hi = std::min(n, lo + kApplyBlock);
+      for (const Decoded& d : dec) add_block(d, o + lo, lo, hi);
     }
   });
 }
