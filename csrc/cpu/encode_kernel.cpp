@@ -11,40 +11,6 @@
 #include "kernels.h"
 
 namespace adacomp {
-namespace {
-
-// LSB-first bit writer (bit i of the stream is bit i % 8 of byte i / 8).
-struct BitWriter {
-  uint8_t* out;
-  uint64_t acc = 0;
-  int nacc = 0;
-  int64_t pos = 0;
-  explicit BitWriter(uint8_t* o) : out(o) {}
-  inline void put(uint64_t bits, int n) {  // n <= 32, bits < 2^n
-    acc |= bits << nacc;
-    nacc += n;
-    while (nacc >= 8) {
-      out[pos++] = static_cast<uint8_t>(acc);
-      acc >>= 8;
-      nacc -= 8;
-    }
-  }
-  inline void ones(int64_t n) {
-    while (n >= 32) {
-      put(0xFFFFFFFFull, 32);
-      n -= 32;
-    }
-    if (n) put((1ull << n) - 1, static_cast<int>(n));
-  }
-  inline void flush() {  // zero-pad to a whole byte
-    if (nacc > 0) out[pos++] = static_cast<uint8_t>(acc);
-    acc = 0;
-    nacc = 0;
-  }
-};
-
-}  // namespace
-
 int64_t body_bytes(int64_t n_bins, int64_t n_sent, int offset_width, int kind) {
   int64_t count, entry, value;
   stream_bytes(n_bins, n_sent, offset_width + (kind == kValueTernary ? 1 : 0), kind, &count, &entry, &value);
@@ -56,22 +22,18 @@ void encode_body_into(uint8_t* p, const int32_t* cnt, int64_t nb, const int32_t*
   const int fbits = offset_width + (kind == kValueTernary ? 1 : 0);
   int64_t count_bytes, entry_bytes, value_bytes;
   stream_bytes(nb, k, fbits, kind, &count_bytes, &entry_bytes, &value_bytes);
-  BitWriter counts_w(p);
-  for (int64_t b = 0; b < nb; ++b) {
-    counts_w.ones(cnt[b]);
-    counts_w.put(0, 1);
+  std::memset(p, 0, count_bytes + entry_bytes);  // SegmentWriter ORs its edge bytes in
+  SegmentWriter w;
+  w.begin(p, 0);
+  for (int64_t b = 0; b < nb; ++b) w.unary(cnt[b]);
+  w.end();
+  w.begin(p + count_bytes, 0);
+  for (int64_t i = 0; i < k; ++i) {
+    uint64_t field = static_cast<uint32_t>(off[i]);
+    if (kind == kValueTernary && val[i] < 0.0f) field |= (1ull << offset_width);
+    w.put(field, fbits);
   }
-  counts_w.flush();
-  if (entry_bytes) {
-    BitWriter entries(p + count_bytes);
-    const int w = offset_width;
-    for (int64_t i = 0; i < k; ++i) {
-      uint64_t field = static_cast<uint32_t>(off[i]);
-      if (kind == kValueTernary && val[i] < 0.0f) field |= (1ull << w);
-      entries.put(field, fbits);
-    }
-    entries.flush();
-  }
+  w.end();
   uint8_t* vp = p + count_bytes + entry_bytes;
   if (kind == kValueFp16) {
     for (int64_t i = 0; i < k; ++i) {
