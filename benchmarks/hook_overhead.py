@@ -6,6 +6,9 @@ so what is measured is the hook's own cost) with every variant in turn:
 
 * ``none``: DDP's built-in dense fp32 allreduce (no hook registered), the baseline;
 * ``fp16``, ``bf16``: PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook``;
+* ``fp16+round`` (a diagnostic, not in the default set): the fp16 hook after one blocking
+  all-gather of a 40-integer tensor per bucket, the shape of AdaComp's size exchange, to
+  measure what one more collective round per bucket costs;
 * ``powersgd``: PyTorch's ``powerSGD_hook``, rank 4 (``--powersgd-rank``), compressing from
   step 2 on (the warm-up covers its dense steps); one bucket at a time, since on gloo its
   collectives, issued from future callbacks, can otherwise run in different orders on
@@ -69,6 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = ("none", "fp16", "bf16", "powersgd", "adacomp:allgather", "adacomp:sharded", "adacomp:auto")
+DIAGNOSTIC_VARIANTS = ("fp16+round",)
 MODELS = ("cnn", "lstm", "gpt")
 #: per model: per-rank batch, optimizer and learning rate (as launch/train.py trains them)
 MODEL_SETTINGS = {
@@ -88,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks", nargs="+", type=int, default=None, help="world sizes (default: 2 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3, at least 2)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + DIAGNOSTIC_VARIANTS)
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--overlap", default="default", choices=["default", "on", "off"],
                    help="AdaComp: AdaCompState(overlap=...) where the installed hook has it "
@@ -318,6 +322,18 @@ def attach(ddp, model, variant, cfg):
     if variant in ("fp16", "bf16"):
         hook = getattr(default_hooks, f"{variant}_compress_hook")
         ddp.register_comm_hook(None, timed_hook(hook))
+        return None
+    if variant == "fp16+round":
+        import torch
+        import torch.distributed as dist
+
+        def fp16_after_a_round(state, bucket):
+            sizes = torch.zeros(40, dtype=torch.int64)
+            out = torch.empty(40 * dist.get_world_size(), dtype=torch.int64)
+            dist.all_gather_into_tensor(out, sizes)  # blocking, as AdaComp's size exchange
+            return default_hooks.fp16_compress_hook(state, bucket)
+
+        ddp.register_comm_hook(None, timed_hook(fp16_after_a_round))
         return None
     if variant == "powersgd":
         st = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg["powersgd_rank"],
