@@ -96,7 +96,7 @@ _warned = [False]
 def cpu_isa() -> str | None:
     """The vector version of the C++ selection kernel on this CPU: ``"avx2"`` or
     ``"generic"`` (capped by the environment variable ``ADACOMP_CPU_ISA``, read once per
-    process), or None without the native extension. All three give the same bits."""
+    process), or None without the native extension. Both give the same bits."""
     return torch.ops.adacomp.cpu_isa() if HAS_EXTENSION else None
 
 

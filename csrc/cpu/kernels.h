@@ -57,14 +57,14 @@ struct SelectPass {
 };
 
 // Argument checks and the streaming pass of adacomp::select (docs/algorithm.md section 1,
-// steps 1-5); raises c10::ValueError with select's messages.
+// steps 1-4 and the scale of step 5); raises c10::ValueError with select's messages.
 SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
                        int64_t bin_size, int64_t scale_mode, int64_t value_mode);
 
 // The vector version select_pass runs on this CPU ("generic" or "avx2").
 const char* select_isa();
 
-// Step 6 for the sent elements j0 <= j < j1 of chunk c (global indices, within
+// Q (step 5) and step 6 for the sent elements j0 <= j < j1 of chunk c (global indices, within
 // [start[c], start[c + 1])): Q, R = G - Q written to residue_out, and sent(j, offset in
 // bin, Q) in order.
 template <class Sent>

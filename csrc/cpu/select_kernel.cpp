@@ -1,8 +1,11 @@
-// CPU kernel of adacomp::select: docs/algorithm.md section 1 steps 1-6 in one streaming pass.
+// CPU kernel of adacomp::select: docs/algorithm.md section 1 steps 1-6, as one streaming pass
+// over the tensor (steps 1-4 and the scale of step 5) and a step over the sent elements only
+// (Q and R = G - Q).
 //
 // The tensor is cut into chunks of whole bins processed in parallel. Within a bin the
 // first sweep forms G = R + dW (written straight to residue_out) and the bin maximum, the
-// second sweep (over the same, cache-hot, 50 or 500 elements) tests |G + dW| >= gmax.
+// second sweep (over the same, cache-hot, 50 or 500 elements) tests |G + dW| >= gmax and
+// G != 0 (a bin whose maximum is 0 sends nothing).
 // Each chunk stages its sent elements (chunk-local position, offset in the bin, and G) in
 // flat order; chunks are concatenated in chunk order, so the output order is the flat order
 // whatever the thread count. The ternary scale needs every bin, so the sent elements (a few
@@ -238,8 +241,14 @@ static Isa pick_isa() {
   return std::min(best, asked);
 }
 
-static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
+// The version in use, chosen once per process (so ADACOMP_CPU_ISA is read once).
+static Isa current_isa() {
   static const Isa isa = pick_isa();
+  return isa;
+}
+
+static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
+  const Isa isa = current_isa();
 #ifdef ADACOMP_HAVE_X86_PATHS
   if (isa == Isa::kAvx2) return stream_chunks_avx2(a, c0, c1, acc);
 #endif
@@ -295,7 +304,7 @@ void StageRelease::operator()(int32_t* p) const {
 
 const char* select_isa() {
   static const char* names[] = {"generic", "avx2"};
-  return names[(int)pick_isa()];
+  return names[(int)current_isa()];
 }
 
 SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Tensor& residue_out,
