@@ -154,14 +154,44 @@ struct PackTable {
 };
 static const PackTable kPack;
 
+// The AVX2 second sweep over the whole 8-lane vectors of a bin of len elements (G in o, dW
+// in d): stages the lanes with |G + dW| >= gmax (thr) and G != 0 at *k, left-packed; with
+// kSkip, a vector that sends nothing stores nothing. Returns the first element not swept.
+template <bool kSkip>
+__attribute__((target("avx2"))) static inline int64_t sweep2_avx2(const float* o, const float* d, int64_t len,
+                                                                  __m256i thr, int32_t local0, int32_t* spos,
+                                                                  int32_t* soff, float* sg, int64_t* k_io) {
+  const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t k = *k_io;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 g = _mm256_loadu_ps(o + i);
+    const __m256i h =
+        _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(g, _mm256_loadu_ps(d + i))), absmask);
+    const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h);  // h >= thr
+    const __m256i gz = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), absmask), zero);
+    const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gz, ge)));
+    if (kSkip && mask == 0) continue;
+    const __m256i lanes = _mm256_load_si256((const __m256i*)kPack.lanes[mask]);
+    const __m256i packed = _mm256_permutevar8x32_epi32(iota, lanes);
+    _mm256_storeu_si256((__m256i*)(spos + k), _mm256_add_epi32(packed, _mm256_set1_epi32(local0 + (int32_t)i)));
+    _mm256_storeu_si256((__m256i*)(soff + k), _mm256_add_epi32(packed, _mm256_set1_epi32((int32_t)i)));
+    _mm256_storeu_ps(sg + k, _mm256_permutevar8x32_ps(g, lanes));
+    k += __builtin_popcount((unsigned)mask);
+  }
+  *k_io = k;
+  return i;
+}
+
 // AVX2 version of the same two sweeps: 8 lanes, unsigned integer max/compare on the
 // absolute-value bits, and a left-packing permutation that appends the sent lanes to the
-// staging arrays without a branch.
+// staging arrays (sweep2_avx2: branch-free, except after a sparse bin).
 __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a, int64_t c0,
                                                                int64_t c1, Acc& acc) {
   const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
   const __m256i zero = _mm256_setzero_si256();
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t at = c * a.chunk_elems;
     int32_t* spos = a.st.pos + at;
@@ -170,6 +200,7 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
     const int64_t b0 = c * a.bins_per_chunk;
     const int64_t b1 = std::min(a.nb, b0 + a.bins_per_chunk);
     int64_t k = 0;
+    bool sparse = false;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t s = b * a.L;
       const int64_t len = std::min(a.L, a.n - s);
@@ -199,26 +230,15 @@ __attribute__((target("avx2"))) static void stream_chunks_avx2(const PassArgs& a
       } else if (m != 0) {
         const __m256i thr = _mm256_set1_epi32((int)m);
         const int32_t local0 = (int32_t)(s - at);
-        i = 0;
-        for (; i + 8 <= len; i += 8) {
-          const __m256 g = _mm256_loadu_ps(o + i);
-          const __m256i h = _mm256_and_si256(
-              _mm256_castps_si256(_mm256_add_ps(g, _mm256_loadu_ps(d + i))), absmask);
-          const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h);  // h >= thr
-          const __m256i gz =
-              _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), absmask), zero);
-          const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gz, ge)));
-          const __m256i lanes = _mm256_load_si256((const __m256i*)kPack.lanes[mask]);
-          const __m256i packed = _mm256_permutevar8x32_epi32(iota, lanes);
-          _mm256_storeu_si256((__m256i*)(spos + k),
-                              _mm256_add_epi32(packed, _mm256_set1_epi32(local0 + (int32_t)i)));
-          _mm256_storeu_si256((__m256i*)(soff + k), _mm256_add_epi32(packed, _mm256_set1_epi32((int32_t)i)));
-          _mm256_storeu_ps(sg + k, _mm256_permutevar8x32_ps(g, lanes));
-          k += __builtin_popcount((unsigned)mask);
-        }
+        // Where the previous bin sent at most one element in 64, most 8-lane vectors send
+        // nothing and skipping their staging stores pays; where it sent more, the branch
+        // would be mispredicted too often (both loops stage the same elements).
+        i = sparse ? sweep2_avx2<true>(o, d, len, thr, local0, spos, soff, sg, &k)
+                   : sweep2_avx2<false>(o, d, len, thr, local0, spos, soff, sg, &k);
         k = stage_tail(a, c, s, i, len, m, k);
       }
       finish_bin(a, acc, b, (int32_t)(k - k0), m);
+      sparse = (k - k0) * 64 <= len;
     }
     collect(a, c, k, acc);
   }
