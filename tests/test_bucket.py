@@ -83,6 +83,37 @@ def test_compress_bucket_takes_half_precision_gradients(dtype):
     assert all(torch.equal(x, y) for x, y in zip(res, res2))
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 200_000), L=st.sampled_from([1, 3, 8, 63, 64, 65, 500, 4097, 40_000]),
+       shards=st.sampled_from([None, 2, 5]), values=st.sampled_from(["ternary", "fp16", "fp32"]),
+       seed=st.integers(0, 2**16))
+def test_compress_bucket_on_two_threads_is_the_reference(n, L, shards, values, seed):
+    """Random sizes and bin sizes on 2 threads: many chunks, whose bit-stream segments meet
+    at arbitrary bit offsets (and at shard boundaries), must give the reference's bytes and
+    residues."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(n, generator=g), torch.randn(7, 9, generator=g)]
+        names, bins = ["a", "b"], [L, 3]
+        out = []
+        for b in ("cpp", "torch"):
+            c = AdaComp(values=values, min_numel=0)
+            c.set_residue("a", torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) * 3)
+            with backend(b):
+                prep = c.prepare_bucket if b == "cpp" else c._prepare_bucket_loop
+                bp, pending = prep(names, grads, bins, shards)
+            for p in pending:
+                c.commit(p)
+            out.append((bytes(bp.data.numpy()), bp.sizes.tolist(),
+                        [c.residue(x).view(torch.int32).clone() for x in names]))
+        assert out[0][:2] == out[1][:2]
+        assert all(torch.equal(x, y) for x, y in zip(out[0][2], out[1][2]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bucket_pieces_are_the_prepare_split_payloads():
     a, b = AdaComp(min_numel=0), AdaComp(min_numel=0)
     grads = _grads(0)
