@@ -102,6 +102,9 @@ def parse_args(argv=None):
                         "(plain) or adacomp.optim.FrozenVarianceAdamW frozen after the warm-up "
                         "steps (frozen; the README's recipe for AdaComp)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the models and gradients live; cuda: every rank on GPU 0 (gloo "
+                        "carries CUDA tensors), steps timed after torch.cuda.synchronize()")
     p.add_argument("--sequential", action="store_true",
                    help="one variant after another (default: timed steps interleaved round by round)")
     p.add_argument("--synthetic", action="store_true", help="random inputs instead of the data sets")
@@ -113,6 +116,11 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)  # one rank (internal)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not args.worker:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: this machine has no CUDA device (or torch is a CPU build)")
     quick = QUICK if args.quick else {}
     if args.ranks is None:
         args.ranks = quick.get("ranks", [2, 4])
@@ -360,9 +368,10 @@ class VariantRun:
 
         torch.manual_seed(cfg["seed"])  # every variant starts from the same weights
         self.name, self.variant, self.batches, self.world, self.cfg = name, variant, batches, world, cfg
-        self.model = build(name)
+        self.device = torch.device("cuda", 0) if cfg.get("device") == "cuda" else torch.device("cpu")
+        self.model = build(name).to(self.device)
         self.opt = make_optimizer(name, self.model, cfg)
-        self.ddp = DDP(self.model)
+        self.ddp = DDP(self.model, device_ids=[0] if self.device.type == "cuda" else None)
         self.state = attach(self.ddp, self.model, variant, cfg)
         self.done = 0
         self.steps = []
@@ -374,7 +383,10 @@ class VariantRun:
         import torch.nn.functional as F
 
         x, y = self.batches[self.done]
+        x, y = x.to(self.device), y.to(self.device)
         self.done += 1
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         dist.barrier()  # all ranks start the step together (not timed)
         REC.take()
         t0 = time.perf_counter()
@@ -382,12 +394,15 @@ class VariantRun:
         out = self.ddp(x)
         logits = out[0] if isinstance(out, tuple) else out
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         if self.name != "cnn":  # text models clip, as launch/train.py does
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
+        sync()
         t3 = time.perf_counter()
         parts = REC.take()
         if "setup" in parts:  # building the exchange includes compressing
@@ -511,7 +526,7 @@ def run_world(world, args) -> dict:
         cfg = {"models": args.models, "variants": args.variants, "steps": args.steps, "warmup": args.warmup,
                "seed": args.seed, "threads": args.threads, "synthetic": args.synthetic,
                "powersgd_rank": args.powersgd_rank, "overlap": args.overlap, "adamw": args.adamw,
-               "out_dir": out_dir,
+               "device": args.device, "out_dir": out_dir,
                "interleave": not args.sequential}
         config = os.path.join(out_dir, "config.json")
         with open(config, "w") as f:
@@ -642,7 +657,8 @@ def table(res) -> str:
                          + f" {r.get('ratio', 0):>6.1f}x  {modes}")
     meta = res["meta"]
     lines += ["", f"{meta['warmup']} warm-up + {meta['steps']} timed steps; gloo on loopback, no rate limit; "
-                  f"{meta['threads']} thread(s) per rank on {meta['cpu_count']} CPUs; adacomp backend "
+                  f"{meta['threads']} thread(s) per rank on {meta['cpu_count']} CPUs; "
+                  f"tensors on {meta.get('device', 'cpu')}; adacomp backend "
                   f"{meta['adacomp_backend']}, torch {meta['torch']}",
               "load average (1/5/15 min): "
               + "; ".join(f"W={w}: {v['load_before']} before, {v['load_after']} after"
@@ -672,7 +688,8 @@ def main(argv=None) -> dict:
             "overlap": args.overlap, "adamw": args.adamw, "synthetic": args.synthetic,
             "interleaved": not args.sequential,
             "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "adacomp_backend": adacomp.ops.backend(),
+            "torch": torch.__version__, "device": args.device,
+            "adacomp_backend": adacomp.ops.backend(args.device),
             "python": platform.python_version(),
             "machine": platform.machine(), "link": "gloo on 127.0.0.1, no rate limit",
             "source": _source_state(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "per_world": {}}

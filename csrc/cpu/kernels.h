@@ -3,7 +3,6 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -117,7 +116,9 @@ struct SegmentWriter {
     first = true;
   }
   static void or_byte(uint8_t* q, uint8_t v) {
-    if (v) std::atomic_ref<uint8_t>(*q).fetch_or(v, std::memory_order_relaxed);
+    // The GCC/Clang builtin rather than C++20's std::atomic_ref: PyTorch builds before 2.13
+    // compile extensions as C++17.
+    if (v) __atomic_fetch_or(q, v, __ATOMIC_RELAXED);
   }
   __attribute__((always_inline)) inline void put(uint64_t bits, int n) {  // n <= 32, bits < 2^n
     acc |= bits << nacc;
