@@ -278,9 +278,17 @@ static void stream_chunks(const PassArgs& a, int64_t c0, int64_t c1, Acc& acc) {
 }  // namespace
 
 namespace {
-std::mutex stage_pool_mutex;
-std::vector<std::pair<int32_t*, size_t>> stage_pool;  // free buffers, oldest first
-size_t stage_pool_slots = 0;                            // their total capacity
+// Allocated once and never destroyed: a selection still running on another thread while
+// the process exits (a DDP hook's worker, say) must not return a buffer to a destroyed pool.
+struct StagePool {
+  std::mutex mutex;
+  std::vector<std::pair<int32_t*, size_t>> free;  // free buffers, oldest first
+  size_t slots = 0;                               // their total capacity
+};
+StagePool& stage_pool_state() {
+  static StagePool* pool = new StagePool();
+  return *pool;
+}
 // A bucket holds one buffer per tensor while it is compressed (the GPT of the benchmarks
 // has 27 in one bucket), so the pool keeps up to 256 of them, with at most 2^28 slots in
 // all (1 GiB of address space; only the pages a selection touched are resident).
@@ -291,16 +299,17 @@ constexpr size_t kStagePoolSlots = (size_t)1 << 28;
 StageBuffer acquire_stage(size_t slots) {
   slots = std::max<size_t>(slots, 1);
   {
-    const std::lock_guard<std::mutex> lock(stage_pool_mutex);
-    size_t best = stage_pool.size();
-    for (size_t i = 0; i < stage_pool.size(); ++i)
-      if (stage_pool[i].second >= slots &&
-          (best == stage_pool.size() || stage_pool[i].second < stage_pool[best].second))
+    StagePool& pool = stage_pool_state();
+    const std::lock_guard<std::mutex> lock(pool.mutex);
+    size_t best = pool.free.size();
+    for (size_t i = 0; i < pool.free.size(); ++i)
+      if (pool.free[i].second >= slots &&
+          (best == pool.free.size() || pool.free[i].second < pool.free[best].second))
         best = i;
-    if (best < stage_pool.size()) {
-      const auto [p, capacity] = stage_pool[best];
-      stage_pool.erase(stage_pool.begin() + (std::ptrdiff_t)best);
-      stage_pool_slots -= capacity;
+    if (best < pool.free.size()) {
+      const auto [p, capacity] = pool.free[best];
+      pool.free.erase(pool.free.begin() + (std::ptrdiff_t)best);
+      pool.slots -= capacity;
       return StageBuffer(p, StageRelease{capacity});
     }
   }
@@ -311,14 +320,15 @@ StageBuffer acquire_stage(size_t slots) {
 // one just returned is kept even if it alone is over the limit, so that one huge tensor
 // does not fault its staging pages in again on every call).
 void StageRelease::operator()(int32_t* p) const {
-  const std::lock_guard<std::mutex> lock(stage_pool_mutex);
-  stage_pool.emplace_back(p, capacity);
-  stage_pool_slots += capacity;
-  while (stage_pool.size() > 1 &&
-         (stage_pool.size() > kStagePoolBuffers || stage_pool_slots > kStagePoolSlots)) {
-    stage_pool_slots -= stage_pool.front().second;
-    delete[] stage_pool.front().first;
-    stage_pool.erase(stage_pool.begin());
+  StagePool& pool = stage_pool_state();
+  const std::lock_guard<std::mutex> lock(pool.mutex);
+  pool.free.emplace_back(p, capacity);
+  pool.slots += capacity;
+  while (pool.free.size() > 1 &&
+         (pool.free.size() > kStagePoolBuffers || pool.slots > kStagePoolSlots)) {
+    pool.slots -= pool.free.front().second;
+    delete[] pool.free.front().first;
+    pool.free.erase(pool.free.begin());
   }
 }
 
