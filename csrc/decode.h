@@ -62,6 +62,11 @@ inline int offset_width(int64_t bin_size) {
   return w;
 }
 
+// Bits of one entry-stream field: the offset in the bin, and the sign for the ternary kind.
+inline int field_bits(int offset_width, int kind) {
+  return offset_width + (kind == kValueTernary ? 1 : 0);
+}
+
 // Bytes of the count, entry and value streams of a (non-dense) body: the one definition the
 // encoder and the decoders share.
 inline void stream_bytes(int64_t n_bins, int64_t n_sent, int field_bits, int kind, int64_t* count,
@@ -79,7 +84,7 @@ inline BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, i
   l.n_sent = n_sent;
   l.kind = kind;
   l.width = offset_width(bin_size);
-  l.field_bits = l.width + (kind == kValueTernary ? 1 : 0);
+  l.field_bits = field_bits(l.width, kind);
   stream_bytes(l.n_bins, n_sent, l.field_bits, kind, &l.count_bytes, &l.entry_bytes, &l.value_bytes);
   if (kind == kValueDense) {
     l.count_bytes = l.entry_bytes = 0;

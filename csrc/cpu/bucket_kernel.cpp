@@ -108,7 +108,7 @@ void encode_chunk(const SelectPass& s, const std::vector<Piece>& ps, int kind, i
       e += n;
     }
     w.end();
-    const int fbits = p.width + (kind == kValueTernary ? 1 : 0);
+    const int fbits = field_bits(p.width, kind);
     w.begin(p.body + p.count_bytes, (e0 - p.e0) * fbits);
     uint8_t* values = p.body + p.count_bytes + p.entry_bytes;
     const int64_t first = p.e0;
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     }
     for (Piece& p : ps) {
       if (!bad)
-        stream_bytes(p.b1 - p.b0, p.e1 - p.e0, p.width + (kind == kValueTernary ? 1 : 0), kind,
+        stream_bytes(p.b1 - p.b0, p.e1 - p.e0, field_bits(p.width, kind), kind,
                      &p.count_bytes, &p.entry_bytes, &p.value_bytes);
       p.size = (int64_t)p.header.size() + p.count_bytes + p.entry_bytes + p.value_bytes;
     }

@@ -13,13 +13,13 @@
 namespace adacomp {
 int64_t body_bytes(int64_t n_bins, int64_t n_sent, int offset_width, int kind) {
   int64_t count, entry, value;
-  stream_bytes(n_bins, n_sent, offset_width + (kind == kValueTernary ? 1 : 0), kind, &count, &entry, &value);
+  stream_bytes(n_bins, n_sent, field_bits(offset_width, kind), kind, &count, &entry, &value);
   return count + entry + value;
 }
 
 void encode_body_into(uint8_t* p, const int32_t* cnt, int64_t nb, const int32_t* off, const float* val,
                       int64_t k, int offset_width, int kind) {
-  const int fbits = offset_width + (kind == kValueTernary ? 1 : 0);
+  const int fbits = field_bits(offset_width, kind);
   int64_t count_bytes, entry_bytes, value_bytes;
   stream_bytes(nb, k, fbits, kind, &count_bytes, &entry_bytes, &value_bytes);
   std::memset(p, 0, count_bytes + entry_bytes);  // SegmentWriter ORs its edge bytes in

@@ -26,7 +26,7 @@ struct Staged {
   float* g;      // G = R + dW
 };
 
-// Staging memory comes from a small pool (select_kernel.cpp) so that its pages stay mapped
+// Staging memory comes from a pool (select_kernel.cpp) so that its pages stay mapped
 // from call to call: a fresh allocation of a large tensor's staging area costs a page
 // fault for every page a chunk stages into (about 1 ms per call at 4M elements).
 struct StageRelease {
@@ -45,7 +45,7 @@ struct SelectPass {
   at::Tensor counts;  // int32[nb]
   const int32_t* cnt = nullptr;
   float* ro = nullptr;
-  int64_t n = 0, L = 1, nb = 0, bins_per_chunk = 1, chunk_elems = 0, n_chunks = 0;
+  int64_t nb = 0, bins_per_chunk = 1, chunk_elems = 0, n_chunks = 0;
   StageBuffer stage;                 // the storage of st
   Staged st{};                       // chunk c's elements at index c * chunk_elems
   std::vector<int64_t> start;        // [n_chunks + 1]: index of chunk c's first sent element

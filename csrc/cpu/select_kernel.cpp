@@ -364,8 +364,6 @@ SelectPass select_pass(const at::Tensor& grad, const at::Tensor& residue, at::Te
   SelectPass s;
   const int64_t L = bin_size;
   const int64_t nb = n == 0 ? 0 : (n + L - 1) / L;
-  s.n = n;
-  s.L = L;
   s.nb = nb;
   s.value_mode = (int)value_mode;
   s.ro = residue_out.data_ptr<float>();
