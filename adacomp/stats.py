@@ -44,6 +44,7 @@ class TrafficStats:
         self.received = {"total": 0, "last_step": 0, "current": 0}
         self.modes = {"allgather": 0, "sharded": 0, "dense": 0}
         self.last_choice: dict = {}
+        self.slots = {"one_round": 0, "overflow": 0}
 
     def add(self, kind: str, dense_bytes: int = 0, wire_bytes: int = 0) -> None:
         c = self._current[kind]
@@ -59,6 +60,12 @@ class TrafficStats:
         if mode is not None:
             self.modes[mode] = self.modes.get(mode, 0) + 1
         self.last_choice[group] = choice
+
+    def note_slots(self, overflow: bool) -> None:
+        """Count an exchange sent in one round of slots (``overflow``: it needed a second
+        round for the bytes beyond a slot)."""
+        self.slots["one_round"] += 1
+        self.slots["overflow"] += int(overflow)
 
     def end_step(self) -> None:
         r = self.received

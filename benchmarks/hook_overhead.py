@@ -14,7 +14,11 @@ so what is measured is the hook's own cost) with every variant in turn:
   collectives, issued from future callbacks, can otherwise run in different orders on
   different ranks and abort the run (see :func:`one_bucket_at_a_time`);
 * ``adacomp:allgather``, ``adacomp:sharded``, ``adacomp:auto``: :func:`adacomp.adacomp_hook`
-  with that exchange (``auto`` with the default cost model, a 1 Gbit/s link).
+  with that exchange (``auto`` with the default cost model, measured) and the default
+  one-round exchange (sizes and payloads in one all-gather of slots after each bucket's
+  first exchange);
+* ``adacomp:allgather:two-round`` (a diagnostic, not in the default set): the same with
+  ``one_round=False`` (sizes first, then payloads, in every exchange).
 
 Models (the project's, as ``launch/train.py`` trains them): ``cnn`` (SmallCNN on 28x28
 Fashion-MNIST, SGD), ``lstm`` (the 2 x 256 char-LSTM on Shakespeare, SGD), ``gpt`` (the
@@ -37,7 +41,8 @@ For the AdaComp variants the hook's time is broken down by wrapping, inside the 
 the functions the hook calls (``adacomp/parallel`` is not changed): *compress*
 (``state.compressor.prepare_bucket``, or ``prepare`` / ``prepare_split``), *setup* (the rest of building the
 exchange: configuration hash, size vector), *sizes* (the all-gathers of payload sizes, and
-``decide``), *a2a* and *owner* (sharded: the all-to-all to the shard owners; the owners'
+``decide``), *slots* (the one-round exchange's all-gathers of slots, and of the bytes that
+overflowed them), *a2a* and *owner* (sharded: the all-to-all to the shard owners; the owners'
 decoding and re-compression), *payload* (from handing the payload to its all-gather until
 decoding starts: the payload all-gather and the dense allreduce, overlapping the backward
 pass where the hook runs them asynchronously), *decode* (``finish``: decode in rank order,
@@ -72,7 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = ("none", "fp16", "bf16", "powersgd", "adacomp:allgather", "adacomp:sharded", "adacomp:auto")
-DIAGNOSTIC_VARIANTS = ("fp16+round",)
+DIAGNOSTIC_VARIANTS = ("fp16+round", "adacomp:allgather:two-round")
 MODELS = ("cnn", "lstm", "gpt")
 #: per model: per-rank batch, optimizer and learning rate (as launch/train.py trains them)
 MODEL_SETTINGS = {
@@ -81,7 +86,7 @@ MODEL_SETTINGS = {
     "gpt": {"batch": 8, "seq_len": 64, "optimizer": "adamw", "lr": 1e-3},
 }
 #: the AdaComp breakdown, in table order
-PARTS = ("hook", "compress", "setup", "sizes", "a2a", "owner", "payload", "decode")
+PARTS = ("hook", "compress", "setup", "sizes", "slots", "a2a", "owner", "payload", "decode")
 QUICK = {"ranks": [2], "steps": 3, "warmup": 2, "synthetic": True}
 
 
@@ -181,6 +186,8 @@ def instrument_exchange():
     GE = ex_mod.GroupExchange
     ddp_mod._allgather_int64 = _timed(ddp_mod._allgather_int64, "sizes")
     ddp_mod._alltoallv = _timed(ddp_mod._alltoallv, "a2a")
+    if hasattr(ddp_mod, "_allgather_slots"):  # releases with the one-round exchange
+        ddp_mod._allgather_slots = _timed(ddp_mod._allgather_slots, "slots")
     GE.__init__ = _timed(GE.__init__, "setup")  # compress is subtracted from it afterwards
     GE.decide = _timed(GE.decide, "sizes")
     GE.reduce_owned = _timed(GE.reduce_owned, "owner")
@@ -348,7 +355,10 @@ def attach(ddp, model, variant, cfg):
                                 start_powerSGD_iter=2, random_seed=cfg["seed"])
         ddp.register_comm_hook(st, timed_hook(one_bucket_at_a_time(psgd.powerSGD_hook)))
         return None
-    kw = {"exchange": variant.split(":", 1)[1], "log_every": 0}
+    _, exchange, *how = variant.split(":")
+    kw = {"exchange": exchange, "log_every": 0}
+    if how == ["two-round"]:
+        kw["one_round"] = False
     if cfg["overlap"] != "default":
         if "overlap" not in inspect.signature(AdaCompState).parameters:
             raise SystemExit("--overlap: this AdaCompState has no overlap option")
@@ -418,6 +428,7 @@ class VariantRun:
         if self.state is not None:
             st = self.state.stats()
             row["exchanges"] = st.get("exchanges", {})
+            row["slots"] = st.get("slots", {})
             t = st["total"]["all"]
             row["wire_bytes_per_step"] = t["wire_bytes"] / max(1, self.state.iter)
             row["ratio"] = t["ratio"]
@@ -583,7 +594,7 @@ def combine(world, per_rank, variants) -> list[dict]:
                         for k in range(n)]
                 parts[part] = 1e3 * statistics.median(vals)
             row["breakdown_ms"] = parts if r0["variant"].startswith("adacomp") else {"hook": parts["hook"]}
-        for key in ("exchanges", "wire_bytes_per_step", "ratio", "overlap"):
+        for key in ("exchanges", "slots", "wire_bytes_per_step", "ratio", "overlap"):
             if key in r0:
                 row[key] = r0[key]
         rows.append(row)
@@ -620,7 +631,7 @@ def table(res) -> str:
     rows, variants = res["rows"], res["meta"]["variants"]
     short = {"none": "dense", "powersgd": f"psgd r{res['meta']['powersgd_rank']}",
              "adacomp:allgather": "ada/allgather", "adacomp:sharded": "ada/sharded",
-             "adacomp:auto": "ada/auto"}
+             "adacomp:auto": "ada/auto", "adacomp:allgather:two-round": "ada/ag 2 rnd"}
     by = {(r["model"], r["world"], r["variant"]): r for r in rows}
     keys = sorted({(r["model"], r["world"]) for r in rows},
                   key=lambda k: (res["meta"]["models"].index(k[0]), k[1]))
@@ -645,14 +656,17 @@ def table(res) -> str:
     if ada:
         lines += ["", "AdaComp per step, ms (median over steps of the mean over ranks); step = whole step, "
                       "bwd = backward incl. waiting for the exchanges"]
-        head = (f"{'model':<6} {'W':>2} {'exchange':<10} {'step':>7} {'bwd':>7} "
+        head = (f"{'model':<6} {'W':>2} {'exchange':<12} {'step':>7} {'bwd':>7} "
                 + " ".join(f"{p:>8}" for p in PARTS) + f" {'ratio':>7}  modes")
         lines += [head, "-" * len(head)]
         for r in sorted(ada, key=lambda r: (res["meta"]["models"].index(r["model"]), r["world"])):
             b = r["breakdown_ms"]
             modes = ",".join(f"{k} {v}" for k, v in sorted(r.get("exchanges", {}).items()) if v)
-            exchange = r["variant"].split(":")[1]
-            lines.append(f"{r['model']:<6} {r['world']:>2} {exchange:<10} {r['step_ms']:>7.1f} "
+            sl = r.get("slots") or {}
+            if sl.get("one_round"):
+                modes += f" (one round {sl['one_round']}, overflowed {sl.get('overflow', 0)})"
+            exchange = r["variant"].split(":", 1)[1].replace(":two-round", " 2r")
+            lines.append(f"{r['model']:<6} {r['world']:>2} {exchange:<12} {r['step_ms']:>7.1f} "
                          f"{r['bwd_ms']:>7.1f} " + " ".join(f"{b[p]:>8.2f}" for p in PARTS)
                          + f" {r.get('ratio', 0):>6.1f}x  {modes}")
     meta = res["meta"]

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adacomp
 from adacomp import _reference
+from adacomp.parallel.exchange import SlotCapacity, SlotPlan
 from adacomp.payload import shard_bounds
 from adacomp.workloads.models import CharLSTM, SmallCNN
 
@@ -99,7 +100,11 @@ def train(rank, world, kind, cfg, steps, *, resume=None, save_at=None, dtype=Non
               find_unused_parameters=cfg.get("find_unused", False),
               static_graph=cfg.get("static_graph", False))
     state = adacomp.AdaCompState(model=ddp, start_iter=cfg.get("start_iter", 0), log_every=0,
-                                 exchange=cfg.get("exchange", "allgather"), **comp_settings(cfg))
+                                 exchange=cfg.get("exchange", "allgather"),
+                                 overlap=cfg.get("overlap", True), one_round=cfg.get("one_round", True),
+                                 **comp_settings(cfg))
+    if "slot_capacity" in cfg:
+        state._slots = FixedSlots(cfg["slot_capacity"])
     ddp.register_comm_hook(state, adacomp.adacomp_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     first = 0
@@ -132,6 +137,40 @@ def train(rank, world, kind, cfg, steps, *, resume=None, save_at=None, dtype=Non
     owner_res = {n: owner.residue(n).clone() for n in owner.names()} if owner is not None else {}
     return {"digests": digests, "params": params(model), "stats": state.stats(),
             "residues": residues, "owner_residues": owner_res, "saved": saved, "iter": state.iter}
+
+
+class FixedSlots(SlotCapacity):
+    """Slots of a fixed capacity (bytes after the meta vector), whatever the payloads need:
+    a small one makes every one-round exchange overflow into its second all-gather."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key, need, rule_bytes=0):
+        super().update(key, need, rule_bytes)
+        plan = self.plan(key)
+        if plan is not None:
+            self._groups[key]["plan"] = SlotPlan(self.capacity, plan.merge_dense)
+
+
+def fail_in_step(rank, world, fail_rank, fail_step, overlap):
+    """Rank ``fail_rank`` cannot name a parameter in step ``fail_step`` (after the buckets'
+    first exchanges, so in a one-round slot exchange): it raises its own error and every
+    other rank a ConfigMismatchError, none hangs."""
+    model = make_model("cnn")
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = adacomp.AdaCompState(model=ddp, log_every=0, exchange="allgather", min_numel=64,
+                                 overlap=overlap)
+    ddp.register_comm_hook(state, adacomp.adacomp_hook)
+    for step in range(fail_step + 1):
+        if step == fail_step and rank == fail_rank:
+            state.bind(named_parameters=[])  # names no parameter: name_of raises KeyError
+        x, y = batch("cnn", rank, world, step)
+        loss_of("cnn", ddp, x, y).backward()
+        if step == fail_step - 1:  # the failing step's exchanges are one-round ones
+            assert state.stats()["slots"]["one_round"] > 0, state.stats()["slots"]
+    return "no error"
 
 
 def train_scaler(rank, world, kind, cfg, steps, bad_step, bad_rank):

@@ -269,3 +269,49 @@ def test_exchange_overlaps_the_backward_pass(tmp_path, overlap):
     else:
         assert max(calls) > 1.0, calls
     assert all(torch.equal(a, b) for a, b in zip(res[0]["params"], res[1]["params"]))
+
+
+# ------------------------------------------------------------------ one-round exchange
+
+@pytest.mark.parametrize("world,kind,cfg", [
+    (2, "cnn", dict(CNN, overlap=False)),
+    (3, "lstm", dict(CNN)),
+    (2, "cnn", dict(CNN, slot_capacity=40)),                    # every exchange overflows
+    (3, "cnn", dict(ALL_COMPRESSED, slot_capacity=0, overlap=False)),
+], ids=["w2-cnn-overlap-off", "w3-lstm", "w2-overflow", "w3-overflow-all-in-tails"])
+def test_one_round_exchange_equals_simulation(tmp_path, world, kind, cfg):
+    """After each bucket's first exchange the hook sends sizes and payloads in one all-gather
+    of slots (and the bytes beyond a slot in a second one): the same parameters, bit for
+    bit, as the simulation, on every rank."""
+    steps = 5
+    res = run(tmp_path, sc.train, world, kind, cfg, steps)
+    assert_ranks_identical(res)
+    assert res[0]["digests"] == sc.simulate(kind, world, cfg, steps)["digests"]
+    slots = res[0]["stats"]["slots"]
+    buckets = sum(res[0]["stats"]["exchanges"].values()) // steps
+    # two rounds in each bucket's first exchange (step 0, and step 1 after DDP rebuilt them)
+    assert slots["one_round"] >= (steps - 2) * buckets > 0, (slots, buckets)
+    if "slot_capacity" in cfg:
+        assert slots["overflow"] == slots["one_round"], slots
+    slotted = [c["slot"] for c in res[0]["stats"]["last_choice"].values() if "slot" in c]
+    assert slotted and all(c["overflow"] for c in slotted if "slot_capacity" in cfg), slotted
+
+
+def test_one_round_is_what_two_rounds_compute(tmp_path):
+    """one_round=False (sizes first always) gives the same training, bit for bit."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run(tmp_path / "one", sc.train, 2, "lstm", dict(CNN), 4)
+    two = run(tmp_path / "two", sc.train, 2, "lstm", dict(CNN, one_round=False), 4)
+    assert one[0]["digests"] == two[0]["digests"]
+    assert two[0]["stats"]["slots"]["one_round"] == 0 < one[0]["stats"]["slots"]["one_round"]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_one_round_local_error_raises_on_every_rank(tmp_path, overlap):
+    """A rank that fails before a one-round exchange still fills its slot (marked failed):
+    it raises its own error, the others a ConfigMismatchError, and nobody hangs."""
+    out = _dist.run(sc.fail_in_step, 2, 1, 3, overlap, out_dir=str(tmp_path), timeout=120)
+    assert not out[1]["ok"] and "KeyError" in out[1]["error"], out[1]
+    assert not out[0]["ok"] and "ConfigMismatchError" in out[0]["error"], out[0]
+    assert "failed before this exchange" in out[0]["error"]

@@ -17,6 +17,8 @@ from adacomp.parallel.exchange import (
     GroupExchange,
     MeasuredCost,
     PlainExchangeState,
+    SlotCapacity,
+    SlotPlan,
     Transport,
     owner_key,
     run_exchange,
@@ -395,3 +397,101 @@ def test_small_dense_tensors_ride_in_the_payload_allgather(world, monkeypatch):
     states = make_states(world, "allgather", min_numel=64, bin_size={"fc": None})
     exchange_all(states, grads(world, 1), names)
     assert calls == [40 * 64 + 40] * world
+
+
+def test_slot_capacity_plans_from_the_largest_recent_payload():
+    slots = SlotCapacity(margin=0.125, history=2)
+    assert slots.plan("g") is None  # first exchange: two rounds
+    slots.update("g", 1000, rule_bytes=400)
+    assert slots.plan("g") == SlotPlan(1152 + 400, True)  # ceil(1125 / 64) * 64, then the dense bytes
+    slots.update("g", 100, rule_bytes=400)
+    assert slots.plan("g") == SlotPlan(1152 + 400, True)  # the larger of the last 2
+    slots.update("g", 100, rule_bytes=400)
+    assert slots.plan("g") == SlotPlan(128 + 400, True)
+    slots.update("g", 100, rule_bytes=1 << 20)  # too many dense bytes: their own allreduce
+    assert slots.plan("g") == SlotPlan(128, False)
+    slots.update("g", None)  # next exchange not an all-gather
+    assert slots.plan("g") is None
+    for bad in (dict(margin=-0.1), dict(margin=float("nan")), dict(history=0), dict(history=1.5)):
+        with pytest.raises(ValueError, match="SlotCapacity"):
+            SlotCapacity(**bad)
+
+
+def _slot_exchange_all(states, grads_per_rank, names, slots):
+    """One exchange on every rank (threads) the way the DDP hook runs the one-round
+    exchange: slots, decisions, tails on overflow, dense allreduce, decoding."""
+    world = len(states)
+    hub = Hub(world)
+    outs, errors = [None] * world, []
+
+    def work(r):
+        try:
+            tr = Loopback(hub, r)
+            outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
+            key = tuple(names)
+            ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs,
+                                          slot=slots[r].plan(key))
+            if ex.slot_plan is None:
+                run_exchange(ex, tr, states[r].traffic)
+            else:
+                gathered = torch.stack(tr._share(ex.slot_buffer()))
+                ex.decide(ex.meta_of_slots(gathered))
+                tails = torch.stack(tr._share(ex.tail_buffer())) if max(ex.tail_sizes()) else None
+                dense = ex.dense_buffer()
+                dense = tr.allreduce_sum(dense) if dense is not None else None
+                ex.account(states[r].traffic)
+                ex.finish(ex.slot_rows(gathered, tails), dense)
+            slots[r].update(key, *ex.slot_need())
+            states[r].end_step()
+            outs[r] = outputs
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_round_slots_equal_two_rounds_in_every_case(world):
+    """The one-round slot exchange against the two-round one, step by step and bit for bit
+    (outputs, residues, traffic counted as compressed): a tensor that falls back to dense
+    (bins of 1 with fp32 values: payload larger than the tensor), one that is zero on every
+    rank, a non-finite step, and slots too small for anything (every byte in the tails)."""
+    names = list(SHAPES)
+    kw = dict(min_numel=64, values="fp32", bin_size={"tiny": 1})
+    one, two = make_states(world, "allgather", **kw), make_states(world, "allgather", **kw)
+    slots = [SlotCapacity() for _ in range(world)]
+    seen = []
+    for step in range(6):
+        gs = grads(world, step)
+        if step == 2:
+            for r in range(world):
+                gs[r][names.index("conv")].zero_()
+        if step == 3:
+            gs[world - 1][names.index("fc")][0, 0] = float("nan")
+        if step == 4:
+            for s in slots:  # nothing fits: every byte goes in the second all-gather
+                for g in s._groups.values():
+                    g["plan"] = SlotPlan(0, g["plan"].merge_dense)
+        got = _slot_exchange_all(one, [[g.clone() for g in gg] for gg in gs], names, slots)
+        want = exchange_all(two, [[g.clone() for g in gg] for gg in gs], names)
+        for r in range(world):
+            for i, n in enumerate(names):
+                assert torch.equal(got[r][i].view(-1).view(torch.int32), want[r][i].view(-1).view(torch.int32)), (step, r, n)
+            for n in one[r].compressor.names():
+                assert torch.equal(one[r].compressor.residue(n), two[r].compressor.residue(n)), (step, r, n)
+        last = one[0].stats()["last_step"]
+        assert {k: last[k]["dense_bytes"] for k in last} == \
+            {k: v["dense_bytes"] for k, v in two[0].stats()["last_step"].items()}
+        seen.append(dict(one[0].stats()["slots"]))
+        assert one[0].stats()["decisions"] == two[0].stats()["decisions"]
+    assert one[0].stats()["decisions"]["tiny"] == "dense-fallback"
+    assert seen[0] == {"one_round": 0, "overflow": 0}  # the first exchange has no slot size yet
+    assert seen[-1]["one_round"] == 5 and seen[4]["overflow"] == seen[3]["overflow"] + 1

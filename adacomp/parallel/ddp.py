@@ -8,9 +8,10 @@ Usage, like PyTorch's PowerSGD hook::
     model.register_comm_hook(state, adacomp_hook)
 
 The hook compresses each gradient of the bucket on its own (bins never straddle two
-parameters of the flat bucket), exchanges the payloads with an allgather (sizes first,
-then one padded allgather of the bytes), decodes and sums them with ``decompress_sum``
-and divides by the world size. Tensors sent dense (1-D, small, or a payload that would
+parameters of the flat bucket), exchanges the payloads with an allgather (in a bucket's
+first exchange the sizes first, then one padded allgather of the bytes; after it, sizes
+and bytes together in one allgather of fixed-size slots, see ``one_round``), decodes and
+sums them with ``decompress_sum`` and divides by the world size. Tensors sent dense (1-D, small, or a payload that would
 not be smaller than the dense bytes) travel together in one allreduce per bucket. See
 :mod:`adacomp.parallel.exchange` for the protocol and docs/algorithm.md section 5 for the contracts.
 """
@@ -31,6 +32,7 @@ from .exchange import (
     CostModel,
     ExchangeState,
     MeasuredCost,
+    SlotCapacity,
     StepLedger,
     check_exchange,
     check_headers,
@@ -101,6 +103,11 @@ class AdaCompState(ExchangeState):
             same collectives in the same order. ``False``: the size exchange blocks the hook
             and only the payload transfers are asynchronous. Not yet checked on CUDA (see
             docs/algorithm.md, known gaps): use ``False`` on GPUs for now.
+        one_round: after a bucket's first all-gather exchange, send the size vector and the
+            payloads together in one all-gather of fixed-size slots, sized from the sizes
+            every rank saw in the bucket's earlier exchanges, with a second all-gather only
+            when a payload does not fit (:class:`adacomp.parallel.exchange.SlotCapacity`);
+            ``False``: sizes first, then payloads, two rounds per bucket always.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
 
@@ -115,6 +122,7 @@ class AdaCompState(ExchangeState):
         "bin_size", "scale", "values", "min_numel", "start_iter", "exchange", "cost_model",
         # switches and plumbing
         "process_group", "log_every", "_param_names", "_model_ref", "scaler", "overlap", "_worker_obj",
+        "one_round", "_slots",
         # internal state
         "compressor", "owner", "iter", "traffic", "ledger", "residue_scale", "owner_pending",
     ]
@@ -123,7 +131,7 @@ class AdaCompState(ExchangeState):
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
                  cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None,
-                 scaler=None, overlap: bool = True):
+                 scaler=None, overlap: bool = True, one_round: bool = True):
         check_start_iter(start_iter)
         self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
@@ -133,6 +141,8 @@ class AdaCompState(ExchangeState):
                                           min_numel=min_numel, device=device),
                                   check_exchange(exchange), cost_model or MeasuredCost(), scaler)
         self.overlap = bool(overlap)
+        self.one_round = bool(one_round)
+        self._slots = SlotCapacity()
         self._worker_obj = None
         self._param_names = {}
         self._model_ref = None
@@ -187,7 +197,7 @@ class AdaCompState(ExchangeState):
     def __getstate__(self):
         # The process group cannot be pickled (as PowerSGD's state); the parameter bindings
         # are for one model in one process (bind() again after loading).
-        skip = ("process_group", "_param_names", "_model_ref", "scaler", "_worker_obj")
+        skip = ("process_group", "_param_names", "_model_ref", "scaler", "_worker_obj", "_slots")
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state):
@@ -196,6 +206,8 @@ class AdaCompState(ExchangeState):
         self._model_ref = None
         self._worker_obj = None
         self.overlap = True
+        self.one_round = True
+        self._slots = SlotCapacity()  # slot sizes are of this run's exchanges: measured anew
         for k, v in state.items():
             setattr(self, k, v)
         for k, default in (("ledger", StepLedger), ("scaler", lambda: None),
@@ -210,6 +222,13 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 def _allgather_int64(t, world, group):
     out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
+    _all_gather_single(out, t, group=group)
+    return out.view(world, -1)
+
+
+def _allgather_slots(t, world, group):
+    """All-gather every rank's slot (1-D uint8 of one length) -> ``[world, n]``."""
+    out = torch.empty(world * t.numel(), dtype=torch.uint8, device=t.device)
     _all_gather_single(out, t, group=group)
     return out.view(world, -1)
 
@@ -260,13 +279,13 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
             work = functools.partial(_average_sync, state, buf, last, world, group=worker.group)
         else:
             work = functools.partial(_exchange_sync, state, buf, bucket.gradients(), params, last,
-                                     world=world, group=worker.group)
+                                     world=world, group=worker.group, index=bucket.index())
         return worker.submit(work)
     if dense_only:
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         _maybe_end_step(state, last)
         return fut.then(lambda f: f.value()[0].div_(world))
-    return _exchange_async(state, buf, bucket.gradients(), params, last, group, world)
+    return _exchange_async(state, buf, bucket.gradients(), params, last, group, world, bucket.index())
 
 
 def _average_sync(state, buf, last, world, *, group):
@@ -284,16 +303,30 @@ def _maybe_end_step(state, last):
             logger.info("AdaComp %s", state.traffic.format())
 
 
-def _prepare(state, grads, params, group, world):
+def _slot_plan(state, index, grads):
+    """The bucket's key in the state's :class:`SlotCapacity` (DDP's bucket index and its
+    tensors' sizes: the same on every rank, and changed when DDP rebuilds its buckets), and
+    the slot plan of its exchange now (None: two rounds, sizes first)."""
+    key = (index, tuple(g.numel() for g in grads))
+    return key, (state._slots.plan(key) if state.one_round else None)
+
+
+def _prepare(state, grads, params, group, world, slot=None):
     """Name and compress the bucket's gradients; on a local error, tell the other ranks (they
-    raise ConfigMismatchError in the same size exchange) and raise this rank's error."""
+    raise ConfigMismatchError in the same size exchange, or slot exchange) and raise this
+    rank's error."""
     try:
         names = [state.name_of(p) for p in params]
-        return state.group_exchange(names, grads, world, dist.get_rank(group))
+        return state.group_exchange(names, grads, world, dist.get_rank(group), slot=slot)
     except Exception:
         state.abort_step()
         meta = error_meta(len(grads), world, device=grads[0].device if grads else None)
-        all_meta = _allgather_int64(meta, world, group)
+        if slot is None:
+            all_meta = _allgather_int64(meta, world, group)
+        else:  # the other ranks wait in the slot all-gather: send a slot of its length
+            mine = torch.zeros(meta.numel() * 8 + slot.capacity, dtype=torch.uint8, device=meta.device)
+            mine[:meta.numel() * 8] = meta.view(torch.uint8)
+            all_meta = _allgather_slots(mine, world, group)[:, :meta.numel() * 8].contiguous().view(torch.int64)
         check_headers(all_meta, world, len(grads), 1, local_error=True)
         raise
 
@@ -309,48 +342,71 @@ def _decide(state, ex, group, world):
         raise
 
 
-def _end_bucket(state, ex, last):
+def _slot_round(state, ex, group, world):
+    """The one-round exchange: one all-gather of every rank's slot (meta vector and
+    payloads), the decisions from the slots' meta, and only when some rank's bytes did not
+    fit in its slot, a second all-gather of the rest. Returns every rank's bytes."""
+    try:
+        slots = _allgather_slots(ex.slot_buffer(), world, group)
+        ex.decide(ex.meta_of_slots(slots))  # raises on every rank if configs differ
+        tails = _allgather_slots(ex.tail_buffer(), world, group) if max(ex.tail_sizes()) else None
+        return ex.slot_rows(slots, tails)
+    except Exception:
+        state.abort_step()
+        raise
+
+
+def _end_bucket(state, ex, last, key):
     ex.account(state.traffic)
+    if state.one_round:  # the same on every rank: from the gathered sizes
+        state._slots.update(key, *ex.slot_need())
     _maybe_end_step(state, last)
 
 
-def _transfers(ex, world, group, async_op: bool):
-    """Issue the payload all-gather and the dense allreduce of ``ex``; returns the gathered
-    ``[world, n]`` bytes, the dense buffer (summed in place) and the works (``async_op``)."""
-    gathered = None
+def _transfers(state, ex, world, group, async_op: bool):
+    """Run the exchange of ``ex`` up to its decoding: the one-round slot exchange, or the
+    size exchange and the payload all-gather; then the dense allreduce. Returns the
+    gathered bytes (``[world, n]`` or one row per rank), the dense buffer (summed in place)
+    and the works of the collectives issued with ``async_op``."""
     works = []
-    mine = ex.payload_buffer()
-    if mine is not None:
-        flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
-        works.append(_all_gather_single(flat, mine, group=group, async_op=async_op))
-        gathered = flat.view(world, mine.numel())
+    if ex.slot_plan is not None:
+        gathered = _slot_round(state, ex, group, world)
+    else:
+        _decide(state, ex, group, world)
+        gathered = None
+        mine = ex.payload_buffer()
+        if mine is not None:
+            flat = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
+            works.append(_all_gather_single(flat, mine, group=group, async_op=async_op))
+            gathered = flat.view(world, mine.numel())
     dense = ex.dense_buffer()
     if dense is not None:
         works.append(dist.all_reduce(dense, group=group, async_op=async_op))
-    return gathered, dense, works
+    return gathered, dense, [w for w in works if w is not None]
 
 
-def _exchange_sync(state, buf, grads, params, last, *, world, group):
+def _exchange_sync(state, buf, grads, params, last, *, world, group, index):
     """The whole exchange of one bucket with blocking collectives (on the state's worker
     thread and its own process group, so it overlaps with the rest of the backward pass)."""
-    ex = _prepare(state, grads, params, group, world)
-    _decide(state, ex, group, world)
-    gathered, dense, _ = _transfers(ex, world, group, async_op=False)
-    _end_bucket(state, ex, last)
+    key, slot = _slot_plan(state, index, grads)
+    ex = _prepare(state, grads, params, group, world, slot)
+    gathered, dense, _ = _transfers(state, ex, world, group, async_op=False)
+    _end_bucket(state, ex, last, key)
     ex.finish(gathered, dense)
     return buf
 
 
-def _exchange_async(state, buf, grads, params, last, group, world):
-    """The exchange on the hook's thread: the size exchange (and the sharded exchange's
-    owner rounds) block it; the payload transfers are asynchronous."""
-    ex = _prepare(state, grads, params, group, world)
+def _exchange_async(state, buf, grads, params, last, group, world, index):
+    """The exchange on the hook's thread: the size exchange (or the one-round slot
+    exchange) and the sharded exchange's owner rounds block it; the payload all-gather and
+    the dense allreduce are asynchronous."""
+    key, slot = _slot_plan(state, index, grads)
+    ex = _prepare(state, grads, params, group, world, slot)
     # Issuing the size exchange from a Future callback instead would let it interleave with
     # the next bucket's collectives in a different order on different ranks: overlap=True
     # runs the whole exchange on a worker thread with its own process group instead.
-    _decide(state, ex, group, world)
-    gathered, dense, works = _transfers(ex, world, group, async_op=True)
-    _end_bucket(state, ex, last)
+    gathered, dense, works = _transfers(state, ex, world, group, async_op=True)
+    _end_bucket(state, ex, last, key)
 
     def finish(_):
         ex.finish(gathered, dense)

@@ -244,6 +244,71 @@ class MeasuredCost:
         del t[:-self.window]
 
 
+@dataclass(frozen=True)
+class SlotPlan:
+    """How a group's one-round exchange sends its bytes (:class:`SlotCapacity`):
+    ``capacity`` bytes per rank after the meta vector (the merged dense tensors, then the
+    payloads), and whether the group's small fp32 tensors sent dense by rule ride in the
+    slot (``merge_dense``)."""
+
+    capacity: int
+    merge_dense: bool
+
+
+class SlotCapacity:
+    """The slot sizes of the one-round all-gather exchange, per exchange group.
+
+    A group's first exchange sends its meta vector (payload sizes) in one all-gather and its
+    payloads in a second one, padded to the longest rank's. After it every rank knows every
+    rank's payload bytes, so while the group keeps to the all-gather exchange each later
+    exchange sends meta and payloads together in **one** all-gather of fixed-size slots:
+    ``capacity`` = the largest payload bytes of any rank over the group's last ``history``
+    exchanges, times ``1 + margin``, rounded up to 64 bytes. Every rank computes it from the
+    same gathered sizes, so every rank sends slots of the same length without asking. A
+    payload longer than its slot sends its first ``capacity`` bytes in the slot and the rest
+    in a second all-gather, which every rank knows to issue from the slots' meta vectors
+    (the exchange stays correct, it only costs the round it saved).
+
+    On a link where a round costs more than the padding's bytes this saves one collective
+    round per bucket (measured in docs/results.md, "DDP hook overhead"); ``margin`` trades
+    padding bytes against overflow rounds. Not saved in checkpoints: a resumed run starts
+    each group with the two-round exchange again. Raises ``ValueError`` on a negative
+    ``margin`` or a ``history`` below 1.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, margin: float = 0.125, history: int = 4):
+        if not (isinstance(margin, (int, float)) and margin >= 0 and math.isfinite(margin)):
+            raise ValueError(f"SlotCapacity margin must be a finite number >= 0, got {margin!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"SlotCapacity history must be an int >= 1, got {history!r}")
+        self.margin, self.history = float(margin), history
+        self._groups: dict = {}
+
+    def __repr__(self):
+        return f"SlotCapacity(margin={self.margin}, history={self.history})"
+
+    def plan(self, key) -> SlotPlan | None:
+        """The slot plan of the group's next exchange, or None (two rounds: sizes first)."""
+        g = self._groups.get(key)
+        return None if g is None else g["plan"]
+
+    def update(self, key, need: int | None, rule_bytes: int = 0) -> None:
+        """After an exchange of group ``key``, identically on every rank: ``need`` is the
+        largest rank's payload bytes (None: the group's next exchange is not an all-gather),
+        ``rule_bytes`` the bytes of its small fp32 tensors sent dense by rule."""
+        if need is None:
+            self._groups.pop(key, None)
+            return
+        g = self._groups.setdefault(key, {"needs": [], "plan": None})
+        g["needs"].append(int(need))
+        del g["needs"][:-self.history]
+        cap = math.ceil(max(g["needs"]) * (1.0 + self.margin) / self.ALIGN) * self.ALIGN
+        merge = 0 < rule_bytes <= max(MERGE_DENSE_BYTES, cap)
+        g["plan"] = SlotPlan(cap + (rule_bytes if merge else 0), merge)
+
+
 class Transport:
     """The collectives an integration provides to :func:`run_exchange` (synchronous)."""
 
@@ -412,12 +477,13 @@ class ExchangeState:
                                  device=c.device)
         return self.owner
 
-    def group_exchange(self, names, grads, world: int, rank: int, outputs=None) -> GroupExchange:
+    def group_exchange(self, names, grads, world: int, rank: int, outputs=None, *,
+                       slot: SlotPlan | None = None) -> GroupExchange:
         self.begin_step()
         return GroupExchange(self.compressor, names, grads, world, outputs=outputs, rank=rank,
                              exchange=self.exchange, owner=self.owner_compressor(),
                              cost_model=self.cost_model, ledger=self.ledger,
-                             owner_pending=self.owner_pending)
+                             owner_pending=self.owner_pending, slot=slot)
 
     # -- steps ------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -492,11 +558,13 @@ class ExchangeState:
         ``fc`` = fully connected / recurrent, ``dense`` = sent dense, ``overhead``);
         ``received_bytes`` (what this rank received from the others); ``decisions``: how
         each parameter travelled in its last exchange; ``exchanges``: how many groups went
-        each way, and ``last_choice``: per group (named by its first parameter) the mode,
-        the reason and the cost model's estimates."""
+        each way; ``slots``: how many exchanges went in one round of slots and how many of
+        them overflowed into a second (:class:`SlotCapacity`); ``last_choice``: per group
+        (named by its first parameter) the mode, the reason and the cost model's estimates."""
         d = self.traffic.as_dict()
         d["decisions"] = dict(self.traffic.last_exchange)
         d["exchanges"] = dict(self.traffic.modes)
+        d["slots"] = dict(self.traffic.slots)
         d["last_choice"] = dict(self.traffic.last_choice)
         return d
 
@@ -705,7 +773,7 @@ class GroupExchange:
                  outputs: list[torch.Tensor] | None = None, *, rank: int = 0,
                  exchange: str = "allgather", owner: AdaComp | None = None,
                  cost_model: CostModel | MeasuredCost | None = None, ledger: StepLedger | None = None,
-                 owner_pending: dict | None = None, plan_key=None):
+                 owner_pending: dict | None = None, plan_key=None, slot: SlotPlan | None = None):
         self._t0 = time.perf_counter()
         if len(names) != len(grads):
             raise ValueError(f"one name per gradient: {len(names)} names for {len(grads)} gradients")
@@ -736,6 +804,11 @@ class GroupExchange:
         # Payloads split into one piece per shard when the sharded exchange may be used.
         self.split = exchange == "sharded" or (exchange == "auto" and self.plan in (None, "sharded"))
         self.pieces = world if self.split else 1
+        # One round (SlotCapacity): meta and payloads travel together in fixed-size slots.
+        if slot is not None and (self.split or self.plan == "dense"):
+            raise ValueError("the one-round exchange (slot=...) needs the all-gather exchange: "
+                             f"exchange={exchange!r}, planned {self.plan!r}")
+        self.slot_plan = slot
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
         # Every tensor that is compressed goes through one call (AdaComp.prepare_bucket):
         # its payloads lie in one buffer, self.bucket, at index self.slot[t].
@@ -781,6 +854,12 @@ class GroupExchange:
         self.owner_nonfinite: list[bool] = []
         self.merged: list[int] = []  # dense tensors carried in the payload all-gather (decide)
         self.owner_size_table = None
+        # The small fp32 tensors sent dense by rule, and those of them that ride in the slot.
+        self.rule_fp32 = [t for t in range(T) if self.bins[t] is None
+                          and self.grads[t].dtype == torch.float32]
+        self.premerged = self.rule_fp32 if slot is not None and slot.merge_dense else []
+        self.row_tensors: list[int] = []  # whose payloads the gathered rows hold, in order
+        self.overflow = False
 
     # -------------------------------------------------------------- step 1: metadata
     def meta(self) -> torch.Tensor:
@@ -869,7 +948,13 @@ class GroupExchange:
         # Small fp32 tensors sent dense by rule (biases, norms) ride in the payload
         # all-gather instead of an allreduce of their own: one collective round less.
         self.merged = []
-        if self.mode == "allgather":
+        self.row_tensors = comp_t
+        if self.slot_plan is not None:
+            # Every chosen tensor's payload is in the slots, whatever was decided for it.
+            self.merged = list(self.premerged)
+            self.dense = [t for t in self.dense if t not in self.merged]
+            self.row_tensors = sorted(self.slot)
+        elif self.mode == "allgather":
             rule = [t for t in self.dense if decisions[t] == DENSE_RULE
                     and self.grads[t].dtype == torch.float32]
             nbytes = 4 * sum(self.grads[t].numel() for t in rule)
@@ -990,7 +1075,7 @@ class GroupExchange:
         if self.mode == "sharded":
             return self.owner_size_table.sum(dim=1).tolist()
         extra = self._merged_bytes()
-        return [x + extra for x in self.sizes[:, self.compressed, :].sum(dim=(1, 2)).tolist()]
+        return [x + extra for x in self.sizes[:, self.row_tensors, :].sum(dim=(1, 2)).tolist()]
 
     def _merged_bytes(self) -> int:
         return 4 * sum(self.grads[t].numel() for t in self.merged)
@@ -1018,6 +1103,78 @@ class GroupExchange:
             own = torch.cat([own, torch.zeros(longest - own.numel(), dtype=torch.uint8, device=own.device)])
         return own
 
+    # -------------------------------------------------------------- one round (slots)
+    def slot_bytes(self) -> int:
+        """Length of every rank's slot: the meta vector's bytes, then the capacity."""
+        return self._meta.numel() * 8 + self.slot_plan.capacity
+
+    def slot_buffer(self) -> torch.Tensor:
+        """This rank's slot of the one-round all-gather (:class:`SlotCapacity`), 1-D uint8
+        of :meth:`slot_bytes`: the meta vector's bytes, the fp32 bytes of the merged dense
+        tensors, the payloads of every tensor chosen for compression (in tensor order,
+        whatever :meth:`decide` makes of them), zero padding. Bytes beyond the capacity
+        are kept for :meth:`tail_buffer`."""
+        meta = self._meta.view(torch.uint8)
+        mb, end = meta.numel(), self.slot_bytes()
+        out = torch.empty(end, dtype=torch.uint8, device=meta.device)
+        out[:mb] = meta
+        parts = [self.grads[t].detach().reshape(-1).view(torch.uint8) for t in self.premerged]
+        if self.bucket is not None:
+            parts.append(self.bucket.select(list(range(len(self.slot)))))
+        pos, self._tail = mb, []
+        for part in parts:
+            k = min(end - pos, part.numel())
+            out[pos:pos + k] = part[:k].to(out.device)
+            if k < part.numel():
+                self._tail.append(part[k:].to(out.device))
+            pos += k
+        out[pos:].zero_()
+        return out
+
+    def meta_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Every rank's meta vector from the gathered slots (``[W, slot_bytes]`` uint8),
+        for :meth:`decide`."""
+        mb = self._meta.numel() * 8
+        return slots[:, :mb].contiguous().view(torch.int64)
+
+    def tail_sizes(self) -> list[int]:
+        """Per rank, the bytes that did not fit in its slot (after :meth:`decide`): all zero
+        unless some payload overflowed, when a second all-gather (:meth:`tail_buffer`)
+        carries them."""
+        cap = self.slot_plan.capacity
+        return [max(0, n - cap) for n in self.gather_sizes()]
+
+    def tail_buffer(self) -> torch.Tensor:
+        """This rank's bytes beyond its slot, zero-padded to the longest rank's."""
+        longest = max(self.tail_sizes())
+        mine = torch.cat(self._tail) if self._tail else self._meta.new_empty(0, dtype=torch.uint8)
+        out = torch.zeros(longest, dtype=torch.uint8, device=self._meta.device)
+        out[:mine.numel()] = mine
+        self.overflow = True
+        return out
+
+    def slot_rows(self, slots: torch.Tensor, tails: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every rank's gathered bytes for :meth:`finish`, from the slots and, after an
+        overflow, the gathered tails (``[W, longest tail]``)."""
+        mb = self._meta.numel() * 8
+        rows = [slots[r, mb:] for r in range(self.world)]
+        if tails is not None:
+            rows = [torch.cat([rows[r], tails[r]]) for r in range(self.world)]
+        return rows
+
+    def slot_need(self) -> tuple[int | None, int]:
+        """What :meth:`SlotCapacity.update` needs after this exchange: the largest rank's
+        payload bytes of the tensors chosen for compression (None when the group's next
+        exchange is not an all-gather), and the bytes of the fp32 tensors sent dense by
+        rule. The same on every rank."""
+        rule = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
+        nxt = self.planner.plan(self.plan_key) if self.planner is not None else self.exchange
+        if nxt != "allgather" or self.decisions is None:
+            return None, rule
+        chosen = sorted(self.slot)
+        need = int(self.sizes[:, chosen, :].sum(dim=(1, 2)).max()) if chosen else 0
+        return need, rule
+
     def dense_buffer(self) -> torch.Tensor | None:
         """The dense tensors (by rule and by fallback), flattened together, to be summed."""
         if not self.dense:
@@ -1039,7 +1196,7 @@ class GroupExchange:
         buffers, ``[world, n]`` or a list of per-rank 1-D uint8 tensors (padding after
         each rank's bytes is ignored)."""
         W = self.world
-        if self.compressed:
+        if self.compressed or self.merged:
             self._decode(gathered)
         if self.dense:
             dense_sum = dense_sum.div_(W) if dense_sum.is_floating_point() else dense_sum
@@ -1082,18 +1239,20 @@ class GroupExchange:
             for i, t in enumerate(comp):
                 for s, (start, end) in enumerate(self.bounds[t]):
                     entries.append((i, start, end, s, starts[s][i], sizes[s][i], (end - start,)))
-        else:  # rank r's bytes: piece 0 of every compressed tensor, then piece 1, ...
-            S = self.pieces
-            sz = self.sizes[:, comp, :].permute(0, 2, 1).reshape(W, S * len(comp))  # [W, S*T] piece-major
+        else:  # rank r's bytes: piece 0 of every tensor in the rows, then piece 1, ...
+            S, rt = self.pieces, self.row_tensors
+            sz = self.sizes[:, rt, :].permute(0, 2, 1).reshape(W, S * len(rt))  # [W, S*T] piece-major
             starts = (torch.cumsum(sz, 1) - sz).tolist()
             sz = sz.tolist()
+            where = {t: k for k, t in enumerate(rt)}
             for i, t in enumerate(comp):
                 pieces = self.bounds[t] if self.split else [(0, self.grads[t].numel())]
                 for s, (start, end) in enumerate(pieces):
                     shape = (end - start,) if self.split else tuple(self.grads[t].shape)
-                    j = s * len(comp) + i
+                    j = s * len(rt) + where[t]
                     entries += [(i, start, end, r, starts[r][j], sz[r][j], shape) for r in range(W)]
-        decode_bucket_(outs, rows, entries, 1 if sharded else W)
+        if entries:
+            decode_bucket_(outs, rows, entries, 1 if sharded else W)
         if sharded:
             flags = self.owner_flags.tolist()
             nonfinite = [any(flags[s][i] for s in range(W)) for i in range(len(comp))]
@@ -1146,7 +1305,16 @@ class GroupExchange:
         meta_bytes = self._meta.numel() * 8
         overhead = meta_bytes
         received += (W - 1) * meta_bytes
-        if self.compressed:
+        if self.slot_plan is not None:  # one round: every rank sends its whole slot (and tail)
+            sent = self.slot_plan.capacity + max(self.tail_sizes())
+            counted = 4 * sum(self.grads[t].numel() for t in self.merged
+                              if self.decisions[t] == DENSE_RULE)
+            received += (W - 1) * sent
+            overhead += sent - own - counted
+            self.choice = dict(self.choice, slot={"capacity": self.slot_plan.capacity,
+                                                  "overflow": self.overflow})
+            stats.note_slots(self.overflow)
+        elif self.compressed:
             sizes = self.gather_sizes()
             longest = max(sizes)
             others = [r for r in range(W) if r != me]
