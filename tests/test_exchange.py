@@ -495,3 +495,13 @@ def test_one_round_slots_equal_two_rounds_in_every_case(world):
     assert one[0].stats()["decisions"]["tiny"] == "dense-fallback"
     assert seen[0] == {"one_round": 0, "overflow": 0}  # the first exchange has no slot size yet
     assert seen[-1]["one_round"] == 5 and seen[4]["overflow"] == seen[3]["overflow"] + 1
+
+
+def test_one_round_setting_is_checked():
+    from adacomp import AdaCompState
+
+    custom = SlotCapacity(margin=0.0, history=1)
+    assert AdaCompState(named_parameters=[], one_round=custom)._slots is custom
+    assert not AdaCompState(named_parameters=[], one_round=False).one_round
+    with pytest.raises(TypeError, match="one_round must be a bool or a SlotCapacity"):
+        AdaCompState(named_parameters=[], one_round="yes")

@@ -106,8 +106,10 @@ class AdaCompState(ExchangeState):
         one_round: after a bucket's first all-gather exchange, send the size vector and the
             payloads together in one all-gather of fixed-size slots, sized from the sizes
             every rank saw in the bucket's earlier exchanges, with a second all-gather only
-            when a payload does not fit (:class:`adacomp.parallel.exchange.SlotCapacity`);
-            ``False``: sizes first, then payloads, two rounds per bucket always.
+            when a payload does not fit; or a
+            :class:`adacomp.parallel.exchange.SlotCapacity` with the padding margin and
+            history to size the slots with (the default's pad about 20 % of the payload
+            bytes); ``False``: sizes first, then payloads, two rounds per bucket always.
         log_every: log the traffic statistics through ``logging`` every this many steps
             (0: never).
 
@@ -131,7 +133,7 @@ class AdaCompState(ExchangeState):
                  bin_size=None, scale: str = "binmax_mean", values: str = "ternary",
                  min_numel: int = DEFAULT_MIN_NUMEL, start_iter: int = 0, exchange: str = "auto",
                  cost_model: CostModel | MeasuredCost | None = None, log_every: int = 100, device=None,
-                 scaler=None, overlap: bool = True, one_round: bool = True):
+                 scaler=None, overlap: bool = True, one_round: bool | SlotCapacity = True):
         check_start_iter(start_iter)
         self.process_group = _model_group(model, process_group)
         self.bin_size, self.scale, self.values, self.min_numel = bin_size, scale, values, min_numel
@@ -141,8 +143,10 @@ class AdaCompState(ExchangeState):
                                           min_numel=min_numel, device=device),
                                   check_exchange(exchange), cost_model or MeasuredCost(), scaler)
         self.overlap = bool(overlap)
-        self.one_round = bool(one_round)
-        self._slots = SlotCapacity()
+        if not isinstance(one_round, (bool, SlotCapacity)):
+            raise TypeError(f"one_round must be a bool or a SlotCapacity, got {type(one_round).__name__}")
+        self.one_round = one_round is not False
+        self._slots = one_round if isinstance(one_round, SlotCapacity) else SlotCapacity()
         self._worker_obj = None
         self._param_names = {}
         self._model_ref = None
