@@ -484,7 +484,8 @@ def test_one_round_slots_equal_two_rounds_in_every_case(world):
         want = exchange_all(two, [[g.clone() for g in gg] for gg in gs], names)
         for r in range(world):
             for i, n in enumerate(names):
-                assert torch.equal(got[r][i].view(-1).view(torch.int32), want[r][i].view(-1).view(torch.int32)), (step, r, n)
+                bits = [x[r][i].view(-1).view(torch.int32) for x in (got, want)]
+                assert torch.equal(*bits), (step, r, n)
             for n in one[r].compressor.names():
                 assert torch.equal(one[r].compressor.residue(n), two[r].compressor.residue(n)), (step, r, n)
         last = one[0].stats()["last_step"]

@@ -11,9 +11,10 @@ The hook compresses each gradient of the bucket on its own (bins never straddle 
 parameters of the flat bucket), exchanges the payloads with an allgather (in a bucket's
 first exchange the sizes first, then one padded allgather of the bytes; after it, sizes
 and bytes together in one allgather of fixed-size slots, see ``one_round``), decodes and
-sums them with ``decompress_sum`` and divides by the world size. Tensors sent dense (1-D, small, or a payload that would
-not be smaller than the dense bytes) travel together in one allreduce per bucket. See
-:mod:`adacomp.parallel.exchange` for the protocol and docs/algorithm.md section 5 for the contracts.
+sums them with ``decompress_sum`` and divides by the world size. Tensors sent dense (1-D,
+small, or a payload that would not be smaller than the dense bytes) travel together in one
+allreduce per bucket. See :mod:`adacomp.parallel.exchange` for the protocol and
+docs/algorithm.md section 5 for the contracts.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
@@ -330,7 +331,8 @@ def _prepare(state, grads, params, group, world, slot=None):
         else:  # the other ranks wait in the slot all-gather: send a slot of its length
             mine = torch.zeros(meta.numel() * 8 + slot.capacity, dtype=torch.uint8, device=meta.device)
             mine[:meta.numel() * 8] = meta.view(torch.uint8)
-            all_meta = _allgather_slots(mine, world, group)[:, :meta.numel() * 8].contiguous().view(torch.int64)
+            slots = _allgather_slots(mine, world, group)
+            all_meta = slots[:, :meta.numel() * 8].contiguous().view(torch.int64)
         check_headers(all_meta, world, len(grads), 1, local_error=True)
         raise
 
