@@ -147,8 +147,8 @@ class FixedSlots(SlotCapacity):
         super().__init__()
         self.capacity = capacity
 
-    def update(self, key, need, rule_bytes=0):
-        super().update(key, need, rule_bytes)
+    def update(self, key, need, rule_bytes=0, next_allgather=True):
+        super().update(key, need, rule_bytes, next_allgather)
         plan = self.plan(key)
         if plan is not None:
             self._groups[key]["plan"] = SlotPlan(self.capacity, plan.merge_dense)

@@ -196,6 +196,7 @@ def test_auto_reports_its_choice(tmp_path):
     chosen = [c for c in st["last_choice"].values() if c["mode"]]
     assert chosen and all("measured" in c["reason"] for c in chosen)
     assert all(set(c["measured"]) == {"allgather", "sharded", "dense"} for c in chosen)
+    assert st["slots"]["one_round"] > 0  # auto's all-gather exchanges go in one round too
 
 
 def _compiled_autograd(rank, world):

@@ -410,8 +410,10 @@ def test_slot_capacity_plans_from_the_largest_recent_payload():
     assert slots.plan("g") == SlotPlan(128 + 400, True)
     slots.update("g", 100, rule_bytes=1 << 20)  # too many dense bytes: their own allreduce
     assert slots.plan("g") == SlotPlan(128, False)
-    slots.update("g", None)  # next exchange not an all-gather
+    slots.update("g", 900, 400, next_allgather=False)  # e.g. a sharded exchange next
     assert slots.plan("g") is None
+    slots.update("g", 100, 400)  # back to the all-gather: the sizes seen meanwhile count
+    assert slots.plan("g") == SlotPlan(1024 + 400, True)
     for bad in (dict(margin=-0.1), dict(margin=float("nan")), dict(history=0), dict(history=1.5)):
         with pytest.raises(ValueError, match="SlotCapacity"):
             SlotCapacity(**bad)

@@ -299,16 +299,18 @@ class SlotCapacity:
         g = self._groups.get(key)
         return None if g is None else g["plan"]
 
-    def update(self, key, need: int | None, rule_bytes: int = 0) -> None:
+    def update(self, key, need: int, rule_bytes: int = 0, next_allgather: bool = True) -> None:
         """After an exchange of group ``key``, identically on every rank: ``need`` is the
-        largest rank's payload bytes (None: the group's next exchange is not an all-gather),
-        ``rule_bytes`` the bytes of its small fp32 tensors sent dense by rule."""
-        if need is None:
-            self._groups.pop(key, None)
-            return
+        largest rank's payload bytes, ``rule_bytes`` the bytes of its small fp32 tensors
+        sent dense by rule, ``next_allgather`` whether the group's next exchange is an
+        all-gather (if not, it gets no slot plan, but its sizes are remembered for when the
+        group returns to the all-gather)."""
         g = self._groups.setdefault(key, {"needs": [], "plan": None})
         g["needs"].append(int(need))
         del g["needs"][:-self.history]
+        if not next_allgather:
+            g["plan"] = None
+            return
         cap = math.ceil(max(g["needs"]) * (1.0 + self.margin) / self.ALIGN) * self.ALIGN
         merge = 0 < rule_bytes <= max(MERGE_DENSE_BYTES, cap)
         g["plan"] = SlotPlan(cap + (rule_bytes if merge else 0), merge)
@@ -1167,18 +1169,16 @@ class GroupExchange:
             rows = [torch.cat([rows[r], tails[r]]) for r in range(self.world)]
         return rows
 
-    def slot_need(self) -> tuple[int | None, int]:
-        """What :meth:`SlotCapacity.update` needs after this exchange: the largest rank's
-        payload bytes of the tensors chosen for compression (None when the group's next
-        exchange is not an all-gather), and the bytes of the fp32 tensors sent dense by
-        rule. The same on every rank."""
+    def slot_need(self) -> tuple[int, int, bool]:
+        """What :meth:`SlotCapacity.update` needs after this exchange (:meth:`decide`),
+        the same on every rank: the largest rank's payload bytes of the tensors chosen for
+        compression (all pieces of a split payload), the bytes of the fp32 tensors sent
+        dense by rule, and whether the group's next exchange is an all-gather."""
         rule = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
         nxt = self.planner.plan(self.plan_key) if self.planner is not None else self.exchange
-        if nxt != "allgather" or self.decisions is None:
-            return None, rule
         chosen = sorted(self.slot)
         need = int(self.sizes[:, chosen, :].sum(dim=(1, 2)).max()) if chosen else 0
-        return need, rule
+        return need, rule, nxt == "allgather"
 
     def dense_buffer(self) -> torch.Tensor | None:
         """The dense tensors (by rule and by fallback), flattened together, to be summed."""
