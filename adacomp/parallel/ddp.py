@@ -202,7 +202,7 @@ class AdaCompState(ExchangeState):
     def __getstate__(self):
         # The process group cannot be pickled (as PowerSGD's state); the parameter bindings
         # are for one model in one process (bind() again after loading).
-        skip = ("process_group", "_param_names", "_model_ref", "scaler", "_worker_obj", "_slots")
+        skip = ("process_group", "_param_names", "_model_ref", "scaler", "_worker_obj")
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state):
@@ -212,7 +212,7 @@ class AdaCompState(ExchangeState):
         self._worker_obj = None
         self.overlap = True
         self.one_round = True
-        self._slots = SlotCapacity()  # slot sizes are of this run's exchanges: measured anew
+        self._slots = SlotCapacity()  # states pickled before the one-round exchange
         for k, v in state.items():
             setattr(self, k, v)
         for k, default in (("ledger", StepLedger), ("scaler", lambda: None),
@@ -310,9 +310,11 @@ def _maybe_end_step(state, last):
 
 def _slot_plan(state, index, grads):
     """The bucket's key in the state's :class:`SlotCapacity` (DDP's bucket index and its
-    tensors' sizes: the same on every rank, and changed when DDP rebuilds its buckets), and
-    the slot plan of its exchange now (None: two rounds, sizes first)."""
-    key = (index, tuple(g.numel() for g in grads))
+    tensors' sizes, in size order: the same on every rank, the same when DDP rebuilds the
+    bucket in another order, as it does after the first step of a run and of a resumed
+    run, whose payloads need the same bytes), and the slot plan of its exchange now (None:
+    two rounds, sizes first)."""
+    key = (index, tuple(sorted(g.numel() for g in grads)))
     return key, (state._slots.plan(key) if state.one_round else None)
 
 

@@ -276,8 +276,9 @@ class SlotCapacity:
     of the benchmarks the defaults pad 19-24 % of the payload bytes and overflow in 0-11 %
     of the exchanges; ``history=4`` pads 26-32 % and overflows in 0-4 %; ``margin=0.0625,
     history=1`` pads 9-12 % and overflows in 0-29 % (CNN the most: its payload sizes vary
-    +-15 % from step to step). Not saved in checkpoints: a resumed run starts
-    each group with the two-round exchange again. Raises ``ValueError`` on a negative
+    +-15 % from step to step). The DDP hook's state saves it with its checkpoint
+    (``state_dict``), so a resumed run sends the same slots as the uninterrupted one (the
+    same bytes, when DDP forms the same buckets). Raises ``ValueError`` on a negative
     ``margin`` or a ``history`` below 1.
     """
 
@@ -293,6 +294,18 @@ class SlotCapacity:
 
     def __repr__(self):
         return f"SlotCapacity(margin={self.margin}, history={self.history})"
+
+    def state_dict(self) -> dict:
+        """Each group's recent payload sizes and next plan (a resumed run then sends the
+        same slots, so its traffic is the uninterrupted run's)."""
+        return {key: {"needs": list(g["needs"]),
+                      "plan": None if g["plan"] is None else (g["plan"].capacity, g["plan"].merge_dense)}
+                for key, g in self._groups.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._groups = {key: {"needs": list(g["needs"])[-self.history:],
+                              "plan": None if g["plan"] is None else SlotPlan(*g["plan"])}
+                        for key, g in state.items()}
 
     def plan(self, key) -> SlotPlan | None:
         """The slot plan of the group's next exchange, or None (two rounds: sizes first)."""
@@ -594,7 +607,12 @@ class ExchangeState:
                 "iter": self.iter, "stats": self.traffic.state_dict(),
                 "residue_scale": self.residue_scale,
                 "owner": self.owner.state_dict() if self.owner is not None else None,
-                "owner_pending": {k: v.clone() for k, v in self.owner_pending.items()}}
+                "owner_pending": {k: v.clone() for k, v in self.owner_pending.items()},
+                "slots": self._slot_capacity().state_dict() if self._slot_capacity() else None}
+
+    def _slot_capacity(self) -> SlotCapacity | None:
+        """The one-round exchange's slot sizes, where the integration has them (DDP)."""
+        return getattr(self, "_slots", None)
 
     def load_state_dict(self, state: dict) -> None:
         """Load what :meth:`state_dict` saved on this rank of a run of the same world size.
@@ -629,6 +647,8 @@ class ExchangeState:
             self.owner_compressor().load_state_dict(owner)
         self.owner_pending = {k: v.detach().reshape(-1).float().clone()
                               for k, v in (state.get("owner_pending") or {}).items()}
+        if self._slot_capacity() is not None and state.get("slots") is not None:
+            self._slot_capacity().load_state_dict(state["slots"])
         self.ledger = StepLedger()
 
 
