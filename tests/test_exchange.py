@@ -65,25 +65,21 @@ class Loopback(Transport):
         return acc
 
 
-def exchange_all(states, grads_per_rank, names):
-    """Run one exchange on every rank (threads); return per-rank outputs."""
-    world = len(states)
+def on_every_rank(world, work):
+    """``work(rank, transport)`` on ``world`` threads joined by a :class:`Loopback` hub;
+    returns the per-rank results, or raises the first rank's error."""
     hub = Hub(world)
     outs = [None] * world
     errors = []
 
-    def work(r):
+    def run(r):
         try:
-            outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
-            ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs)
-            run_exchange(ex, Loopback(hub, r), states[r].traffic)
-            states[r].end_step()
-            outs[r] = outputs
+            outs[r] = work(r, Loopback(hub, r))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
             hub.barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
@@ -91,6 +87,20 @@ def exchange_all(states, grads_per_rank, names):
     if errors:
         raise errors[0]
     return outs
+
+
+def exchange_all(states, grads_per_rank, names):
+    """Run one exchange on every rank (threads); return per-rank outputs."""
+    world = len(states)
+
+    def work(r, transport):
+        outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
+        ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs)
+        run_exchange(ex, transport, states[r].traffic)
+        states[r].end_step()
+        return outputs
+
+    return on_every_rank(world, work)
 
 
 def make_states(world, exchange, **kw):
@@ -423,41 +433,27 @@ def _slot_exchange_all(states, grads_per_rank, names, slots):
     """One exchange on every rank (threads) the way the DDP hook runs the one-round
     exchange: slots, decisions, tails on overflow, dense allreduce, decoding."""
     world = len(states)
-    hub = Hub(world)
-    outs, errors = [None] * world, []
 
-    def work(r):
-        try:
-            tr = Loopback(hub, r)
-            outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
-            key = tuple(names)
-            ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs,
-                                          slot=slots[r].plan(key))
-            if ex.slot_plan is None:
-                run_exchange(ex, tr, states[r].traffic)
-            else:
-                gathered = torch.stack(tr._share(ex.slot_buffer()))
-                ex.decide(ex.meta_of_slots(gathered))
-                tails = torch.stack(tr._share(ex.tail_buffer())) if max(ex.tail_sizes()) else None
-                dense = ex.dense_buffer()
-                dense = tr.allreduce_sum(dense) if dense is not None else None
-                ex.account(states[r].traffic)
-                ex.finish(ex.slot_rows(gathered, tails), dense)
-            slots[r].update(key, *ex.slot_need())
-            states[r].end_step()
-            outs[r] = outputs
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-            hub.barrier.abort()
+    def work(r, tr):
+        outputs = [torch.empty_like(g) for g in grads_per_rank[r]]
+        key = tuple(names)
+        ex = states[r].group_exchange(names, grads_per_rank[r], world, r, outputs=outputs,
+                                      slot=slots[r].plan(key))
+        if ex.slot_plan is None:
+            run_exchange(ex, tr, states[r].traffic)
+        else:
+            gathered = torch.stack(tr._share(ex.slot_buffer()))
+            ex.decide(ex.meta_of_slots(gathered))
+            tails = torch.stack(tr._share(ex.tail_buffer())) if max(ex.tail_sizes()) else None
+            dense = ex.dense_buffer()
+            dense = tr.allreduce_sum(dense) if dense is not None else None
+            ex.account(states[r].traffic)
+            ex.finish(ex.slot_rows(gathered, tails), dense)
+        slots[r].update(key, *ex.slot_need())
+        states[r].end_step()
+        return outputs
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return outs
+    return on_every_rank(world, work)
 
 
 @pytest.mark.parametrize("world", [2, 3])
