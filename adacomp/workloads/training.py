@@ -124,6 +124,10 @@ def parse_args(argv=None):
     p.add_argument("--start-iter", type=int, default=0, help="adacomp/powersgd: dense steps first")
     p.add_argument("--exchange", default="auto", choices=["allgather", "sharded", "auto"],
                    help="adacomp: how payloads travel (auto: per bucket and step, by the cost model)")
+    p.add_argument("--one-round", default="on", choices=["on", "off"],
+                   help="DDP backend, adacomp: after a bucket's first exchange, sizes and payloads in "
+                        "one all-gather of padded slots (on: AdaCompState(one_round=True), the "
+                        "default) or sizes first, then payloads, unpadded (off)")
     p.add_argument("--overlap", default="on", choices=["on", "off"],
                    help="DDP backend, adacomp: each bucket's whole exchange on a worker thread (on: "
                         "AdaCompState(overlap=True), the default) or the size exchange on the hook's "
@@ -304,7 +308,8 @@ def attach_compressor(ddp: DDP, model, name: str, args, world: int):
     if name == "adacomp":
         state = AdaCompState(model=model, bin_size=args.bin_size, min_numel=args.min_numel,
                              values=args.values, scale=args.scale, start_iter=args.start_iter,
-                             log_every=0, overlap=args.overlap == "on", **exchange_settings(args))
+                             log_every=0, overlap=args.overlap == "on",
+                             one_round=args.one_round == "on", **exchange_settings(args))
         ddp.register_comm_hook(state, adacomp_hook)
         return state
     if name == "none":
