@@ -504,3 +504,88 @@ def test_one_round_setting_is_checked():
     assert not AdaCompState(named_parameters=[], one_round=False).one_round
     with pytest.raises(TypeError, match="one_round must be a bool or a SlotCapacity"):
         AdaCompState(named_parameters=[], one_round="yes")
+
+
+class OneGather(Loopback):
+    """A transport whose all-gather takes a different length per rank (as Horovod's): one
+    round for :meth:`allgather_bytes`. Counts the collective rounds."""
+
+    rounds = 0
+
+    def _share(self, obj):
+        if self.rank == 0:
+            type(self).rounds += 1
+        return super()._share(obj)
+
+    def allgather_bytes(self, own):
+        # views into one buffer at odd offsets, as a real concatenation gives them
+        got = self._share(own.clone())
+        cat = torch.cat([torch.zeros(3, dtype=torch.uint8)] + got)
+        rows, pos = [], 3
+        for g in got:
+            rows.append(cat[pos:pos + g.numel()])
+            pos += g.numel()
+        return rows
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_inband_exchange_is_one_round_and_the_same_result(world, monkeypatch):
+    """ExchangeState.run (Horovod, mpi4py) sends an all-gather exchange's payloads with the
+    meta vectors, unpadded: one collective where the transport gathers any length, the
+    same outputs, residues and decisions as sizes-then-payloads, bit for bit, through a
+    dense fallback, an all-zero tensor and a non-finite step."""
+    names = list(SHAPES)
+    kw = dict(min_numel=64, values="fp32", bin_size={"tiny": 1})
+    inband, two = make_states(world, "allgather", **kw), make_states(world, "allgather", **kw)
+    for step in range(4):
+        gs = grads(world, step)
+        if step == 1:
+            for r in range(world):
+                gs[r][names.index("conv")].zero_()
+        if step == 2:
+            gs[0][names.index("fc")][1, 1] = float("inf")
+        OneGather.rounds = 0
+
+        def work(r, tr, gs=gs):
+            out = [torch.empty_like(g) for g in gs[r]]
+            inband[r].run(names, [g.clone() for g in gs[r]], OneGather(tr.hub, r), outputs=out)
+            return out
+
+        got = on_every_rank(world, work)
+        # the payloads and the bias came with the meta; the fallback tensor is summed
+        assert OneGather.rounds == 2, OneGather.rounds
+        want = exchange_all(two, [[g.clone() for g in gg] for gg in gs], names)
+        for r in range(world):
+            for i, n in enumerate(names):
+                bits = [x[r][i].view(-1).view(torch.int32) for x in (got, want)]
+                assert torch.equal(*bits), (step, r, n)
+            for n in inband[r].compressor.names():
+                assert torch.equal(inband[r].compressor.residue(n), two[r].compressor.residue(n))
+        assert inband[0].stats()["decisions"] == two[0].stats()["decisions"]
+        assert inband[0].stats()["slots"]["one_round"] == step + 1
+    assert inband[0].stats()["decisions"]["tiny"] == "dense-fallback"
+    # no padding: each rank hands over exactly its own bytes
+    last_in, last_two = inband[0].stats()["last_step"]["all"], two[0].stats()["last_step"]["all"]
+    assert last_in["wire_bytes"] <= last_two["wire_bytes"]
+
+
+def test_inband_local_error_reaches_every_rank():
+    """A rank that fails before an in-band exchange still sends its (failed) header in the
+    same all-gather: it raises its own error, the others ConfigMismatchError."""
+    names = list(SHAPES)
+    states = make_states(2, "allgather", min_numel=64)
+    gs = grads(2, 0)
+    errors = [None, None]
+
+    def work(r, tr):
+        g = [x.clone() for x in gs[r]]
+        if r == 1:
+            g[0] = g[0].to(torch.int32)  # not floating point: a local error
+        try:
+            states[r].run(names, g, OneGather(tr.hub, r))
+        except Exception as exc:  # noqa: BLE001 - both ranks must raise
+            errors[r] = exc
+
+    on_every_rank(2, work)
+    assert "floating" in str(errors[1]), errors[1]
+    assert type(errors[0]).__name__ == "ConfigMismatchError" and "failed before" in str(errors[0])

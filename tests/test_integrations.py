@@ -80,6 +80,8 @@ def test_three_way_equality_world2(tmp_path):
     assert m["digests"] == h["digests"] == d["digests"] == sim["digests"]
     for st in (m["stats"], h["stats"]):
         assert st["total"]["conv"]["ratio"] > 10 and st["steps"] == STEPS
+        # the all-gather exchange sends its payloads with the sizes: one all-gather per step
+        assert st["slots"]["one_round"] == STEPS, st["slots"]
 
 
 @needs_mpi

@@ -8,7 +8,9 @@ and differs only in which collectives carry the bytes (a :class:`Transport`):
    tensor its payload sizes (one per shard in the sharded and auto modes; always ``W``
    slots, so that ranks configured with different modes still send equal-length vectors
    and get a clear error instead of a failed collective) and non-finite flag.
-2. The integration all-gathers ``meta``; :meth:`GroupExchange.decide` checks that every
+2. The integration all-gathers ``meta`` (Horovod and mpi4py: with the payloads right behind
+   it in the all-gather exchange, :func:`run_exchange`; the DDP hook: in fixed-size slots
+   after a bucket's first exchange, :class:`SlotCapacity`); :meth:`GroupExchange.decide` checks that every
    rank runs the same configuration (a clear error on every rank otherwise) and decides,
    identically on every rank, per tensor: *non-finite* (any rank saw NaN/Inf: every rank
    outputs NaN and keeps its residue), *dense* (by rule, or because some rank's payload is
@@ -248,10 +250,11 @@ class MeasuredCost:
 class SlotPlan:
     """How a group's one-round exchange sends its bytes (:class:`SlotCapacity`):
     ``capacity`` bytes per rank after the meta vector (the merged dense tensors, then the
-    payloads), and whether the group's small fp32 tensors sent dense by rule ride in the
-    slot (``merge_dense``)."""
+    payloads; None: each rank sends exactly its bytes, for transports whose all-gather
+    takes a different length per rank), and whether the group's small fp32 tensors sent
+    dense by rule ride in the slot (``merge_dense``)."""
 
-    capacity: int
+    capacity: int | None
     merge_dense: bool
 
 
@@ -345,6 +348,14 @@ class Transport:
         least ``sizes[r]`` long)."""
         raise NotImplementedError
 
+    def allgather_bytes(self, own: torch.Tensor) -> list[torch.Tensor]:
+        """All-gather 1-D uint8 tensors whose lengths the ranks do not know of each other
+        -> one tensor per rank, exactly as long as that rank's. This default sends the
+        lengths first (two rounds); a transport whose all-gather takes a different length
+        per rank does it in one."""
+        lengths = self.allgather_int64(torch.tensor([own.numel()], dtype=torch.int64))
+        return self.allgatherv(own, [int(x) for x in lengths.reshape(-1).tolist()])
+
     def alltoallv(self, parts: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         """Send ``parts[s]`` (1-D uint8) to rank ``s``; receive ``recv_sizes[r]`` bytes from
         each rank ``r`` -> one tensor per source rank."""
@@ -355,20 +366,48 @@ class Transport:
         raise NotImplementedError
 
 
+def _headers_of(got: list[torch.Tensor]) -> torch.Tensor:
+    """``[W, META_FIXED]`` headers from every rank's gathered bytes (a rank whose bytes are
+    too short to hold one gets a header that :func:`check_headers` reports as failed)."""
+    n = META_FIXED * 8
+    return torch.stack([g[:n].cpu().clone().view(torch.int64) if g.numel() >= n
+                        else torch.zeros(META_FIXED, dtype=torch.int64) for g in got])
+
+
 def run_exchange(ex: GroupExchange, transport: Transport, stats: TrafficStats) -> None:
-    """Run the whole protocol of :class:`GroupExchange` ``ex`` over ``transport``: the
-    fixed-size header first (so ranks that disagree on the tensors raise
-    :class:`ConfigMismatchError` together instead of failing inside a collective), then the
-    sizes, the payloads and the dense sum."""
-    check_headers(transport.allgather_int64(ex.header()), ex.world, len(ex.grads), ex.pieces)
-    ex.decide(transport.allgather_int64(ex.meta()))
-    if ex.mode == "sharded":
-        received = transport.alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes())
-        ex.reduce_owned(received)
-        ex.set_owner_sizes(transport.allgather_int64(ex.owner_sizes()))
+    """Run the whole protocol of :class:`GroupExchange` ``ex`` over ``transport``.
+
+    The first all-gather (:meth:`Transport.allgather_bytes`, any length per rank) carries
+    every rank's meta vector, and when ``ex`` was built ``inband`` (the group's exchange is
+    the all-gather) its payloads too, unpadded: one round where the transport's all-gather
+    takes a different length per rank (Horovod). Every rank checks every rank's fixed-size
+    header first, so ranks that disagree on the tensors raise :class:`ConfigMismatchError`
+    together instead of failing inside a collective. Then, unless the payloads came in
+    band, the sharded rounds and the payload all-gather; then the dense sum."""
+    got = transport.allgather_bytes(ex.first_buffer())
+    check_headers(_headers_of(got), ex.world, len(ex.grads), ex.pieces)
+    mb = ex.meta().numel() * 8
+    if any(g.numel() < mb for g in got):
+        ex._discard_all()
+        raise ConfigMismatchError("AdaComp: ranks disagree on the tensors exchanged together (a meta "
+                                  "vector is shorter than this rank's); every rank must exchange "
+                                  "the same named parameters with the same settings")
+    ex.decide(torch.stack([g[:mb].cpu().clone().view(torch.int64) for g in got]))
     gathered = None
-    if ex.compressed:
-        gathered = transport.allgatherv(ex.gather_buffer(), ex.gather_sizes())
+    if ex.slot_plan is not None:
+        sizes = ex.gather_sizes()
+        if [g.numel() - mb for g in got] != sizes:  # the same verdict on every rank
+            raise ConfigMismatchError(f"AdaComp: ranks sent {[g.numel() - mb for g in got]} payload "
+                                      f"bytes where their meta vectors say {sizes}: the ranks run "
+                                      "different versions or settings of adacomp")
+        gathered = [g[mb:] for g in got]
+    else:
+        if ex.mode == "sharded":
+            received = transport.alltoallv(ex.alltoall_parts(), ex.alltoall_recv_sizes())
+            ex.reduce_owned(received)
+            ex.set_owner_sizes(transport.allgather_int64(ex.owner_sizes()))
+        if ex.compressed:
+            gathered = transport.allgatherv(ex.gather_buffer(), ex.gather_sizes())
     dense = ex.dense_buffer()
     dense_sum = transport.allreduce_sum(dense) if dense is not None else None
     ex.account(stats, padded=transport.padded)
@@ -498,12 +537,12 @@ class ExchangeState:
         return self.owner
 
     def group_exchange(self, names, grads, world: int, rank: int, outputs=None, *,
-                       slot: SlotPlan | None = None) -> GroupExchange:
+                       slot: SlotPlan | None = None, inband: bool = False) -> GroupExchange:
         self.begin_step()
         return GroupExchange(self.compressor, names, grads, world, outputs=outputs, rank=rank,
                              exchange=self.exchange, owner=self.owner_compressor(),
                              cost_model=self.cost_model, ledger=self.ledger,
-                             owner_pending=self.owner_pending, slot=slot)
+                             owner_pending=self.owner_pending, slot=slot, inband=inband)
 
     # -- steps ------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -530,11 +569,12 @@ class ExchangeState:
         a rank that fails while compressing still sends its header, marked failed, so every
         other rank raises :class:`ConfigMismatchError` instead of waiting in a collective."""
         try:
-            ex = self.group_exchange(names, grads, transport.world, transport.rank, outputs=outputs)
+            ex = self.group_exchange(names, grads, transport.world, transport.rank, outputs=outputs,
+                                     inband=True)
         except Exception:
             self.abort_step()
-            all_h = transport.allgather_int64(error_header(len(names)))
-            check_headers(all_h, transport.world, len(names), 1, local_error=True)
+            got = transport.allgather_bytes(error_header(len(names)).view(torch.uint8))
+            check_headers(_headers_of(got), transport.world, len(names), 1, local_error=True)
             raise
         try:
             run_exchange(ex, transport, self.traffic)
@@ -800,7 +840,8 @@ class GroupExchange:
                  outputs: list[torch.Tensor] | None = None, *, rank: int = 0,
                  exchange: str = "allgather", owner: AdaComp | None = None,
                  cost_model: CostModel | MeasuredCost | None = None, ledger: StepLedger | None = None,
-                 owner_pending: dict | None = None, plan_key=None, slot: SlotPlan | None = None):
+                 owner_pending: dict | None = None, plan_key=None, slot: SlotPlan | None = None,
+                 inband: bool = False):
         self._t0 = time.perf_counter()
         if len(names) != len(grads):
             raise ValueError(f"one name per gradient: {len(names)} names for {len(grads)} gradients")
@@ -835,8 +876,16 @@ class GroupExchange:
         if slot is not None and (self.split or self.plan == "dense"):
             raise ValueError("the one-round exchange (slot=...) needs the all-gather exchange: "
                              f"exchange={exchange!r}, planned {self.plan!r}")
-        self.slot_plan = slot
         self.bins = [comp.bin_size_for(n, g) for n, g in zip(names, grads)]
+        # The small fp32 tensors sent dense by rule (they may ride with the payloads).
+        self.rule_fp32 = [t for t in range(len(grads)) if self.bins[t] is None
+                          and self.grads[t].dtype == torch.float32]
+        # In band (run_exchange, Horovod, mpi4py): an all-gather exchange sends its payloads,
+        # unpadded, in the all-gather that carries the meta vectors.
+        if inband and slot is None and not self.split and self.plan != "dense":
+            rule_bytes = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
+            slot = SlotPlan(None, 0 < rule_bytes <= MERGE_DENSE_BYTES)
+        self.slot_plan = slot
         # Every tensor that is compressed goes through one call (AdaComp.prepare_bucket):
         # its payloads lie in one buffer, self.bucket, at index self.slot[t].
         T = len(self.grads)
@@ -881,9 +930,7 @@ class GroupExchange:
         self.owner_nonfinite: list[bool] = []
         self.merged: list[int] = []  # dense tensors carried in the payload all-gather (decide)
         self.owner_size_table = None
-        # The small fp32 tensors sent dense by rule, and those of them that ride in the slot.
-        self.rule_fp32 = [t for t in range(T) if self.bins[t] is None
-                          and self.grads[t].dtype == torch.float32]
+        # The tensors sent dense by rule that ride in the slot.
         self.premerged = self.rule_fp32 if slot is not None and slot.merge_dense else []
         self.row_tensors: list[int] = []  # whose payloads the gathered rows hold, in order
         self.overflow = False
@@ -1102,10 +1149,34 @@ class GroupExchange:
         if self.mode == "sharded":
             return self.owner_size_table.sum(dim=1).tolist()
         extra = self._merged_bytes()
-        return [x + extra for x in self.sizes[:, self.row_tensors, :].sum(dim=(1, 2)).tolist()]
+        return [x + extra for x in self._row_sizes().sum(dim=(1, 2)).tolist()]
+
+    def _dense_bytes(self, t: int) -> int:
+        return self.grads[t].numel() * self.grads[t].element_size()
+
+    def _row_sizes(self, tensors=None) -> torch.Tensor:
+        """``[W, len(tensors), pieces]`` bytes each rank's row holds for ``tensors``
+        (default: :attr:`row_tensors`). In a slot or in band, a rank leaves out a payload
+        that is not smaller than its tensor's dense bytes (that tensor goes dense whatever
+        the other ranks sent), and every rank sees that from its meta vector."""
+        tensors = self.row_tensors if tensors is None else tensors
+        sz = self.sizes[:, tensors, :]
+        if self.slot_plan is None or not tensors:
+            return sz
+        dense = torch.tensor([self._dense_bytes(t) for t in tensors], dtype=sz.dtype)
+        return sz * (sz.sum(dim=2) < dense).unsqueeze(2)
+
+    def _own_row(self) -> list[int]:
+        """Bucket indices of this rank's payloads that go in its slot (see :meth:`_row_sizes`)."""
+        rows = self.bucket.size_rows if self.bucket is not None else [[]]
+        return [i for t, i in sorted(self.slot.items())
+                if sum(r[i] for r in rows) < self._dense_bytes(t)]
 
     def _merged_bytes(self) -> int:
-        return 4 * sum(self.grads[t].numel() for t in self.merged)
+        return self._merged_bytes_of(self.merged)
+
+    def _merged_bytes_of(self, tensors) -> int:
+        return 4 * sum(self.grads[t].numel() for t in tensors)
 
     def gather_buffer(self) -> torch.Tensor:
         """This rank's bytes for the payload all-gather: the fp32 values of the small dense
@@ -1132,8 +1203,13 @@ class GroupExchange:
 
     # -------------------------------------------------------------- one round (slots)
     def slot_bytes(self) -> int:
-        """Length of every rank's slot: the meta vector's bytes, then the capacity."""
-        return self._meta.numel() * 8 + self.slot_plan.capacity
+        """Length of this rank's slot: the meta vector's bytes, then the capacity (without
+        one, in band: exactly this rank's merged dense tensors and payloads)."""
+        cap = self.slot_plan.capacity
+        if cap is None:
+            payloads = sum(self.bucket.size_rows[0][i] for i in self._own_row())
+            cap = self._merged_bytes_of(self.premerged) + payloads
+        return self._meta.numel() * 8 + cap
 
     def slot_buffer(self) -> torch.Tensor:
         """This rank's slot of the one-round all-gather (:class:`SlotCapacity`), 1-D uint8
@@ -1147,7 +1223,7 @@ class GroupExchange:
         out[:mb] = meta
         parts = [self.grads[t].detach().reshape(-1).view(torch.uint8) for t in self.premerged]
         if self.bucket is not None:
-            parts.append(self.bucket.select(list(range(len(self.slot)))))
+            parts.append(self.bucket.select(self._own_row()))
         pos, self._tail = mb, []
         for part in parts:
             k = min(end - pos, part.numel())
@@ -1157,6 +1233,13 @@ class GroupExchange:
             pos += k
         out[pos:].zero_()
         return out
+
+    def first_buffer(self) -> torch.Tensor:
+        """What this rank sends in :func:`run_exchange`'s first all-gather: its slot in band,
+        else its meta vector's bytes."""
+        if self.slot_plan is not None:
+            return self.slot_buffer()
+        return self._meta.view(torch.uint8)
 
     def meta_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Every rank's meta vector from the gathered slots (``[W, slot_bytes]`` uint8),
@@ -1169,6 +1252,8 @@ class GroupExchange:
         unless some payload overflowed, when a second all-gather (:meth:`tail_buffer`)
         carries them."""
         cap = self.slot_plan.capacity
+        if cap is None:
+            return [0] * self.world
         return [max(0, n - cap) for n in self.gather_sizes()]
 
     def tail_buffer(self) -> torch.Tensor:
@@ -1197,7 +1282,7 @@ class GroupExchange:
         rule = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
         nxt = self.planner.plan(self.plan_key) if self.planner is not None else self.exchange
         chosen = sorted(self.slot)
-        need = int(self.sizes[:, chosen, :].sum(dim=(1, 2)).max()) if chosen else 0
+        need = int(self._row_sizes(chosen).sum(dim=(1, 2)).max()) if chosen else 0
         return need, rule, nxt == "allgather"
 
     def dense_buffer(self) -> torch.Tensor | None:
@@ -1266,7 +1351,7 @@ class GroupExchange:
                     entries.append((i, start, end, s, starts[s][i], sizes[s][i], (end - start,)))
         else:  # rank r's bytes: piece 0 of every tensor in the rows, then piece 1, ...
             S, rt = self.pieces, self.row_tensors
-            sz = self.sizes[:, rt, :].permute(0, 2, 1).reshape(W, S * len(rt))  # [W, S*T] piece-major
+            sz = self._row_sizes().permute(0, 2, 1).reshape(W, S * len(rt))  # [W, S*T] piece-major
             starts = (torch.cumsum(sz, 1) - sz).tolist()
             sz = sz.tolist()
             where = {t: k for k, t in enumerate(rt)}
@@ -1331,10 +1416,15 @@ class GroupExchange:
         overhead = meta_bytes
         received += (W - 1) * meta_bytes
         if self.slot_plan is not None:  # one round: every rank sends its whole slot (and tail)
-            sent = self.slot_plan.capacity + max(self.tail_sizes())
             counted = 4 * sum(self.grads[t].numel() for t in self.merged
                               if self.decisions[t] == DENSE_RULE)
-            received += (W - 1) * sent
+            sizes = self.gather_sizes()
+            if self.slot_plan.capacity is None:  # in band: each rank its own bytes
+                sent = sizes[me]
+                received += sum(sizes) - sizes[me]
+            else:
+                sent = self.slot_plan.capacity + max(self.tail_sizes())
+                received += (W - 1) * sent
             overhead += sent - own - counted
             self.choice = dict(self.choice, slot={"capacity": self.slot_plan.capacity,
                                                   "overflow": self.overflow})

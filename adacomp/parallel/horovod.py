@@ -16,8 +16,9 @@ on every rank, so no padding and no patched Horovod are needed (``exchange="shar
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 
 The protocol is :mod:`adacomp.parallel.exchange`'s, the same as the DDP hook and the mpi4py path:
-sizes first (one small allgather), then the payloads (one allgather) and the dense tensors
-(one allreduce, summed), decoded in rank order and divided by the world size.
+the sizes and, in the all-gather exchange, the payloads with them in one ``hvd.allgather``
+(the sharded exchange's rounds follow it), and the dense tensors in one allreduce (summed),
+decoded in rank order and divided by the world size.
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ class HorovodTransport(Transport):
     def allgatherv(self, own, sizes):
         # Horovod's allgather takes a different first dimension on every rank: no padding.
         return list(torch.split(self.hvd.allgather(own, name=self._name("payload")), list(sizes)))
+
+    def allgather_bytes(self, own):
+        # One hvd.allgather (it takes a different length on every rank); each rank's bytes
+        # go behind their length (8 bytes), so that the concatenation can be split.
+        own = own.reshape(-1)
+        head = torch.tensor([own.numel()], dtype=torch.int64).view(torch.uint8).to(own.device)
+        cat = self.hvd.allgather(torch.cat([head, own]), name=self._name("slots"))
+        lengths, rows, pos = cat.cpu(), [], 0
+        for _ in range(self.world):
+            n = int(lengths[pos:pos + 8].clone().view(torch.int64)[0])
+            rows.append(cat[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        if pos != cat.numel():
+            raise RuntimeError(f"adacomp: Horovod's allgather returned {cat.numel()} bytes, the "
+                               f"ranks' lengths add up to {pos}")
+        return rows
 
     def alltoallv(self, parts, recv_sizes):
         splits = torch.tensor([p.numel() for p in parts], dtype=torch.int32)

@@ -2,7 +2,8 @@
 
 Scientific codes often run their own training loop over an mpi4py communicator. The
 :class:`Communicator` compresses a list of named gradients with the AdaComp core,
-exchanges payload sizes with ``Allgather``, the payload bytes with ``Allgatherv`` (each
+exchanges the lengths of every rank's bytes with ``Allgather``, then the meta vectors
+(sizes) and, in the all-gather exchange, the payloads with them in one ``Allgatherv`` (each
 rank sends exactly its own bytes, no padding), sums the dense tensors with ``Allreduce``,
 decodes and averages, and returns the averaged dense tensors::
 
