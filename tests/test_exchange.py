@@ -456,6 +456,34 @@ def _slot_exchange_all(states, grads_per_rank, names, slots):
     return on_every_rank(world, work)
 
 
+#: bins of 1 with fp32 values for "tiny": its payload is larger than the tensor (dense fallback)
+FALLBACK = dict(min_numel=64, values="fp32", bin_size={"tiny": 1})
+
+
+def case_grads(world, step, names, zero_at, bad_at, bad=float("nan")):
+    """:func:`grads`, with "conv" zero on every rank at step ``zero_at`` and a non-finite
+    value ``bad`` in the last rank's "fc" at step ``bad_at``."""
+    gs = grads(world, step)
+    if step == zero_at:
+        for r in range(world):
+            gs[r][names.index("conv")].zero_()
+    if step == bad_at:
+        gs[world - 1][names.index("fc")][0, 0] = bad
+    return gs
+
+
+def assert_same_exchange(got, want, states, ref_states, names, step):
+    """Outputs bit for bit, residues and decisions equal, rank by rank."""
+    for r in range(len(states)):
+        for i, n in enumerate(names):
+            bits = [x[r][i].view(-1).view(torch.int32) for x in (got, want)]
+            assert torch.equal(*bits), (step, r, n)
+        for n in states[r].compressor.names():
+            same = torch.equal(states[r].compressor.residue(n), ref_states[r].compressor.residue(n))
+            assert same, (step, r, n)
+    assert states[0].stats()["decisions"] == ref_states[0].stats()["decisions"]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_one_round_slots_equal_two_rounds_in_every_case(world):
     """The one-round slot exchange against the two-round one, step by step and bit for bit
@@ -463,34 +491,22 @@ def test_one_round_slots_equal_two_rounds_in_every_case(world):
     (bins of 1 with fp32 values: payload larger than the tensor), one that is zero on every
     rank, a non-finite step, and slots too small for anything (every byte in the tails)."""
     names = list(SHAPES)
-    kw = dict(min_numel=64, values="fp32", bin_size={"tiny": 1})
-    one, two = make_states(world, "allgather", **kw), make_states(world, "allgather", **kw)
+    one, two = make_states(world, "allgather", **FALLBACK), make_states(world, "allgather", **FALLBACK)
     slots = [SlotCapacity() for _ in range(world)]
     seen = []
     for step in range(6):
-        gs = grads(world, step)
-        if step == 2:
-            for r in range(world):
-                gs[r][names.index("conv")].zero_()
-        if step == 3:
-            gs[world - 1][names.index("fc")][0, 0] = float("nan")
+        gs = case_grads(world, step, names, zero_at=2, bad_at=3)
         if step == 4:
             for s in slots:  # nothing fits: every byte goes in the second all-gather
                 for g in s._groups.values():
                     g["plan"] = SlotPlan(0, g["plan"].merge_dense)
         got = _slot_exchange_all(one, [[g.clone() for g in gg] for gg in gs], names, slots)
         want = exchange_all(two, [[g.clone() for g in gg] for gg in gs], names)
-        for r in range(world):
-            for i, n in enumerate(names):
-                bits = [x[r][i].view(-1).view(torch.int32) for x in (got, want)]
-                assert torch.equal(*bits), (step, r, n)
-            for n in one[r].compressor.names():
-                assert torch.equal(one[r].compressor.residue(n), two[r].compressor.residue(n)), (step, r, n)
+        assert_same_exchange(got, want, one, two, names, step)
         last = one[0].stats()["last_step"]
         assert {k: last[k]["dense_bytes"] for k in last} == \
             {k: v["dense_bytes"] for k, v in two[0].stats()["last_step"].items()}
         seen.append(dict(one[0].stats()["slots"]))
-        assert one[0].stats()["decisions"] == two[0].stats()["decisions"]
     assert one[0].stats()["decisions"]["tiny"] == "dense-fallback"
     assert seen[0] == {"one_round": 0, "overflow": 0}  # the first exchange has no slot size yet
     assert seen[-1]["one_round"] == 5 and seen[4]["overflow"] == seen[3]["overflow"] + 1
@@ -535,15 +551,9 @@ def test_inband_exchange_is_one_round_and_the_same_result(world, monkeypatch):
     same outputs, residues and decisions as sizes-then-payloads, bit for bit, through a
     dense fallback, an all-zero tensor and a non-finite step."""
     names = list(SHAPES)
-    kw = dict(min_numel=64, values="fp32", bin_size={"tiny": 1})
-    inband, two = make_states(world, "allgather", **kw), make_states(world, "allgather", **kw)
+    inband, two = make_states(world, "allgather", **FALLBACK), make_states(world, "allgather", **FALLBACK)
     for step in range(4):
-        gs = grads(world, step)
-        if step == 1:
-            for r in range(world):
-                gs[r][names.index("conv")].zero_()
-        if step == 2:
-            gs[0][names.index("fc")][1, 1] = float("inf")
+        gs = case_grads(world, step, names, zero_at=1, bad_at=2, bad=float("inf"))
         OneGather.rounds = 0
 
         def work(r, tr, gs=gs):
@@ -555,13 +565,7 @@ def test_inband_exchange_is_one_round_and_the_same_result(world, monkeypatch):
         # the payloads and the bias came with the meta; the fallback tensor is summed
         assert OneGather.rounds == 2, OneGather.rounds
         want = exchange_all(two, [[g.clone() for g in gg] for gg in gs], names)
-        for r in range(world):
-            for i, n in enumerate(names):
-                bits = [x[r][i].view(-1).view(torch.int32) for x in (got, want)]
-                assert torch.equal(*bits), (step, r, n)
-            for n in inband[r].compressor.names():
-                assert torch.equal(inband[r].compressor.residue(n), two[r].compressor.residue(n))
-        assert inband[0].stats()["decisions"] == two[0].stats()["decisions"]
+        assert_same_exchange(got, want, inband, two, names, step)
         assert inband[0].stats()["slots"]["one_round"] == step + 1
     assert inband[0].stats()["decisions"]["tiny"] == "dense-fallback"
     # no padding: each rank hands over exactly its own bytes

@@ -225,17 +225,22 @@ class AdaCompState(ExchangeState):
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _allgather_int64(t, world, group):
+def _allgather_rows(t, world, group):
+    """All-gather a 1-D tensor of the same length on every rank -> ``[world, n]``."""
     out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
     _all_gather_single(out, t, group=group)
     return out.view(world, -1)
 
 
+# Two names for the two kinds of exchange (benchmarks/hook_overhead.py times them apart).
+def _allgather_int64(t, world, group):
+    """The size exchange: every rank's int64 meta vector -> ``[world, n]``."""
+    return _allgather_rows(t, world, group)
+
+
 def _allgather_slots(t, world, group):
-    """All-gather every rank's slot (1-D uint8 of one length) -> ``[world, n]``."""
-    out = torch.empty(world * t.numel(), dtype=torch.uint8, device=t.device)
-    _all_gather_single(out, t, group=group)
-    return out.view(world, -1)
+    """The slot exchange: every rank's slot (1-D uint8 of one length) -> ``[world, n]``."""
+    return _allgather_rows(t, world, group)
 
 
 def _alltoallv(parts, recv_sizes, group):

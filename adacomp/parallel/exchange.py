@@ -386,7 +386,7 @@ def run_exchange(ex: GroupExchange, transport: Transport, stats: TrafficStats) -
     band, the sharded rounds and the payload all-gather; then the dense sum."""
     got = transport.allgather_bytes(ex.first_buffer())
     check_headers(_headers_of(got), ex.world, len(ex.grads), ex.pieces)
-    mb = ex.meta().numel() * 8
+    mb = ex.meta_bytes()
     if any(g.numel() < mb for g in got):
         ex._discard_all()
         raise ConfigMismatchError("AdaComp: ranks disagree on the tensors exchanged together (a meta "
@@ -883,7 +883,7 @@ class GroupExchange:
         # In band (run_exchange, Horovod, mpi4py): an all-gather exchange sends its payloads,
         # unpadded, in the all-gather that carries the meta vectors.
         if inband and slot is None and not self.split and self.plan != "dense":
-            rule_bytes = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
+            rule_bytes = self._merged_bytes_of(self.rule_fp32)
             slot = SlotPlan(None, 0 < rule_bytes <= MERGE_DENSE_BYTES)
         self.slot_plan = slot
         # Every tensor that is compressed goes through one call (AdaComp.prepare_bucket):
@@ -933,12 +933,15 @@ class GroupExchange:
         # The tensors sent dense by rule that ride in the slot.
         self.premerged = self.rule_fp32 if slot is not None and slot.merge_dense else []
         self.row_tensors: list[int] = []  # whose payloads the gathered rows hold, in order
-        self.overflow = False
 
     # -------------------------------------------------------------- step 1: metadata
     def meta(self) -> torch.Tensor:
         """int64 vector to all-gather (same length on every rank with the same bucket)."""
         return self._meta
+
+    def meta_bytes(self) -> int:
+        """Length of :meth:`meta` in bytes."""
+        return self._meta.numel() * 8
 
     def header(self) -> torch.Tensor:
         """The fixed-size first :data:`META_FIXED` entries of :meth:`meta` (same length on
@@ -1031,7 +1034,7 @@ class GroupExchange:
         elif self.mode == "allgather":
             rule = [t for t in self.dense if decisions[t] == DENSE_RULE
                     and self.grads[t].dtype == torch.float32]
-            nbytes = 4 * sum(self.grads[t].numel() for t in rule)
+            nbytes = self._merged_bytes_of(rule)
             payload = max(self.gather_sizes()) if comp_t else 0
             if rule and nbytes <= max(MERGE_DENSE_BYTES, payload):
                 self.merged = rule
@@ -1209,7 +1212,7 @@ class GroupExchange:
         if cap is None:
             payloads = sum(self.bucket.size_rows[0][i] for i in self._own_row())
             cap = self._merged_bytes_of(self.premerged) + payloads
-        return self._meta.numel() * 8 + cap
+        return self.meta_bytes() + cap
 
     def slot_buffer(self) -> torch.Tensor:
         """This rank's slot of the one-round all-gather (:class:`SlotCapacity`), 1-D uint8
@@ -1244,8 +1247,7 @@ class GroupExchange:
     def meta_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Every rank's meta vector from the gathered slots (``[W, slot_bytes]`` uint8),
         for :meth:`decide`."""
-        mb = self._meta.numel() * 8
-        return slots[:, :mb].contiguous().view(torch.int64)
+        return slots[:, :self.meta_bytes()].contiguous().view(torch.int64)
 
     def tail_sizes(self) -> list[int]:
         """Per rank, the bytes that did not fit in its slot (after :meth:`decide`): all zero
@@ -1262,13 +1264,12 @@ class GroupExchange:
         mine = torch.cat(self._tail) if self._tail else self._meta.new_empty(0, dtype=torch.uint8)
         out = torch.zeros(longest, dtype=torch.uint8, device=self._meta.device)
         out[:mine.numel()] = mine
-        self.overflow = True
         return out
 
     def slot_rows(self, slots: torch.Tensor, tails: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every rank's gathered bytes for :meth:`finish`, from the slots and, after an
         overflow, the gathered tails (``[W, longest tail]``)."""
-        mb = self._meta.numel() * 8
+        mb = self.meta_bytes()
         rows = [slots[r, mb:] for r in range(self.world)]
         if tails is not None:
             rows = [torch.cat([rows[r], tails[r]]) for r in range(self.world)]
@@ -1279,7 +1280,7 @@ class GroupExchange:
         the same on every rank: the largest rank's payload bytes of the tensors chosen for
         compression (all pieces of a split payload), the bytes of the fp32 tensors sent
         dense by rule, and whether the group's next exchange is an all-gather."""
-        rule = 4 * sum(self.grads[t].numel() for t in self.rule_fp32)
+        rule = self._merged_bytes_of(self.rule_fp32)
         nxt = self.planner.plan(self.plan_key) if self.planner is not None else self.exchange
         chosen = sorted(self.slot)
         need = int(self._row_sizes(chosen).sum(dim=(1, 2)).max()) if chosen else 0
@@ -1412,7 +1413,7 @@ class GroupExchange:
                 stats.add("dense", dense_b, 0)
             # ZERO: nothing sent, and not counted as compressed
         received = 0
-        meta_bytes = self._meta.numel() * 8
+        meta_bytes = self.meta_bytes()
         overhead = meta_bytes
         received += (W - 1) * meta_bytes
         if self.slot_plan is not None:  # one round: every rank sends its whole slot (and tail)
@@ -1426,9 +1427,10 @@ class GroupExchange:
                 sent = self.slot_plan.capacity + max(self.tail_sizes())
                 received += (W - 1) * sent
             overhead += sent - own - counted
+            overflow = max(self.tail_sizes()) > 0
             self.choice = dict(self.choice, slot={"capacity": self.slot_plan.capacity,
-                                                  "overflow": self.overflow})
-            stats.note_slots(self.overflow)
+                                                  "overflow": overflow})
+            stats.note_slots(overflow)
         elif self.compressed:
             sizes = self.gather_sizes()
             longest = max(sizes)
