@@ -56,27 +56,27 @@ struct BodyLayout {
   int64_t count_bytes, entry_bytes, value_bytes;
 };
 
-inline int offset_width(int64_t bin_size) {
+ADACOMP_HD int offset_width(int64_t bin_size) {
   int w = 0;
   while (((int64_t)1 << w) < bin_size) ++w;
   return w;
 }
 
 // Bits of one entry-stream field: the offset in the bin, and the sign for the ternary kind.
-inline int field_bits(int offset_width, int kind) {
+ADACOMP_HD int field_bits(int offset_width, int kind) {
   return offset_width + (kind == kValueTernary ? 1 : 0);
 }
 
 // Bytes of the count, entry and value streams of a (non-dense) body: the one definition the
 // encoder and the decoders share.
-inline void stream_bytes(int64_t n_bins, int64_t n_sent, int field_bits, int kind, int64_t* count,
+ADACOMP_HD void stream_bytes(int64_t n_bins, int64_t n_sent, int field_bits, int kind, int64_t* count,
                          int64_t* entry, int64_t* value) {
   *count = (n_bins + n_sent + 7) / 8;
   *entry = (n_sent * field_bits + 7) / 8;
   *value = kind == kValueFp16 ? 2 * n_sent : (kind == kValueFp32 ? 4 * n_sent : 0);
 }
 
-inline BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, int kind) {
+ADACOMP_HD BodyLayout body_layout(int64_t numel, int64_t bin_size, int64_t n_sent, int kind) {
   BodyLayout l;
   l.numel = numel;
   l.bin_size = bin_size;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../decode.h"
+#include "../wire.h"
 #include "kernels.h"
 
 namespace adacomp {
@@ -31,49 +32,8 @@ constexpr int kMaxNdim = 32;
 constexpr int kMaxVarintBytes = 9;
 constexpr int64_t kMaxNumel = (int64_t)1 << 48;
 constexpr int64_t kMaxBinSize = ((int64_t)1 << 31) - 1;
-constexpr uint8_t kVersion = 1;
 
 // ----------------------------------------------------------------------------- encoding
-
-void put_varint(std::vector<uint8_t>& out, uint64_t v) {
-  while (true) {
-    const uint8_t byte = v & 0x7F;
-    v >>= 7;
-    if (v) {
-      out.push_back(byte | 0x80);
-    } else {
-      out.push_back(byte);
-      return;
-    }
-  }
-}
-
-// adacomp.payload.encode_header.
-std::vector<uint8_t> encode_header(const int64_t* shape, int ndim, int64_t bin_size, int64_t n_sent,
-                                   int kind, bool nonfinite, float scale) {
-  std::vector<uint8_t> h = {'A', 'C', kVersion, (uint8_t)((nonfinite ? 1 : 0) | (kind << 1)),
-                            (uint8_t)ndim};
-  for (int i = 0; i < ndim; ++i) put_varint(h, (uint64_t)shape[i]);
-  put_varint(h, (uint64_t)bin_size);
-  put_varint(h, (uint64_t)n_sent);
-  if (kind == kValueTernary) {
-    const uint32_t bits = float_bits(scale);
-    for (int i = 0; i < 4; ++i) h.push_back((uint8_t)(bits >> (8 * i)));
-  }
-  return h;
-}
-
-// adacomp.payload.shard_bounds: `shards` ranges on bin boundaries.
-std::vector<std::pair<int64_t, int64_t>> shard_bounds(int64_t numel, int64_t bin_size, int64_t shards) {
-  const int64_t L = numel ? std::max<int64_t>(1, std::min(bin_size, numel)) : 1;
-  const int64_t nb = numel ? (numel + L - 1) / L : 0;
-  std::vector<int64_t> edges(shards + 1);
-  for (int64_t s = 0; s <= shards; ++s) edges[s] = std::min(numel, (s * nb / shards) * L);
-  edges[shards] = numel;
-  std::vector<std::pair<int64_t, int64_t>> out;
-  for (int64_t s = 0; s < shards; ++s) out.emplace_back(edges[s], edges[s + 1]);
-  return out;
-}
 
 struct Piece {
   std::vector<uint8_t> header;
@@ -183,14 +143,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
     std::vector<Piece>& ps = layout[t];
     if (!split) {
       Piece p;
-      p.header = encode_header(dims, ndim, L, bad ? 0 : k, kind, bad, bad ? NAN : scale);
+      encode_header(p.header, dims, ndim, L, bad ? 0 : k, kind, bad, bad ? NAN : scale);
       p.b1 = s.nb;
       p.e1 = k;
       p.width = offset_width(L);
       ps.push_back(std::move(p));
     } else {
       int64_t b = 0, e = 0;
-      for (const auto& [start, end] : shard_bounds(numel, L, pieces)) {
+      for (int64_t piece = 0; piece < pieces; ++piece) {
+        const int64_t start = shard_edge(numel, L, pieces, piece), end = shard_edge(numel, L, pieces, piece + 1);
         const int64_t sbin = std::max<int64_t>(1, std::min(L, end - start));
         const int64_t len = end - start;
         Piece p;
@@ -203,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cpu(
         p.b1 = b;
         p.e1 = e;
         p.width = offset_width(sbin);
-        p.header = encode_header(&len, 1, sbin, bad ? 0 : p.e1 - p.e0, kind, bad, bad ? NAN : scale);
+        encode_header(p.header, &len, 1, sbin, bad ? 0 : p.e1 - p.e0, kind, bad, bad ? NAN : scale);
         ps.push_back(std::move(p));
       }
     }
@@ -372,7 +333,7 @@ Parsed parse_header(const uint8_t* buf, int64_t total_len, const std::vector<uin
   if (n < 5) fail("adacomp payload truncated: " + std::to_string(n) + " bytes, a header needs at least 5");
   if (buf[0] != 'A' || buf[1] != 'C')
     fail("not an adacomp payload: magic " + py_bytes(buf, 2) + ", expected b'AC'");
-  if (buf[2] != kVersion)
+  if (buf[2] != kWireVersion)
     fail("adacomp payload format version " + std::to_string(buf[2]) +
          " is not supported (this build reads version 1)");
   const uint8_t flags = buf[3];

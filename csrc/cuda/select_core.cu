@@ -48,18 +48,22 @@
 
 #include "../common.h"
 #include "../decode.h"
+#include "device_util.cuh"
 #include "select_core.cuh"
 
 namespace adacomp {
 namespace {
+
+using device::block_exclusive_scan;
+using device::grid_for;
+using device::kScanItems;
+using device::kScanThreads;
 
 constexpr int kBlock = 256;                 // threads per selection block
 constexpr int kItems = 16;                  // elements per thread per tile
 constexpr int kTile = kBlock * kItems;      // elements per tile (fused path: at most)
 constexpr int kWarps = kBlock / 32;
 constexpr int kChunks = kItems * kWarps;    // 32-element chunks per tile, in flat order
-constexpr int kScanThreads = 512;           // the one-block scans (tiles, count bytes)
-constexpr int kScanItems = 8;
 constexpr int kAddBlock = 256;              // decode kernels
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr float kFloatMax = 3.40282347e38f;
@@ -194,30 +198,6 @@ __device__ __forceinline__ void add_term(unsigned long long* hist, float v) {
   uint64_t mant;
   split_term(v, &slot, &mant);
   atomicAdd(&hist[slot], (unsigned long long)mant);
-}
-
-// One-block exclusive scan of load(0..count) into store(i, prefix); returns the total.
-// Must be called by all kScanThreads threads of the block.
-template <class Load, class Store>
-__device__ long long block_exclusive_scan(int64_t count, Load load, Store store) {
-  using Scan = cub::BlockScan<long long, kScanThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  long long running = 0;
-  for (int64_t first = 0; first < count; first += (int64_t)kScanThreads * kScanItems) {
-    const int64_t mine = first + (int64_t)threadIdx.x * kScanItems;
-    long long v[kScanItems];
-#pragma unroll
-    for (int j = 0; j < kScanItems; ++j) v[j] = mine + j < count ? (long long)load(mine + j) : 0;
-    long long aggregate;
-    Scan(tmp).ExclusiveSum(v, v, aggregate);
-#pragma unroll
-    for (int j = 0; j < kScanItems; ++j) {
-      if (mine + j < count) store(mine + j, running + v[j]);
-    }
-    running += aggregate;
-    __syncthreads();  // tmp is reused by the next round
-  }
-  return running;
 }
 
 // ------------------------------------------------------------------ selection kernels
@@ -572,10 +552,6 @@ __global__ void __launch_bounds__(kAddBlock) dense_add_kernel(const uint8_t* bod
   }
 }
 
-unsigned int grid_for(int64_t work, int block) {
-  const int64_t blocks = (work + block - 1) / block;
-  return (unsigned int)(blocks < (1 << 20) ? blocks : (1 << 20));  // grid-stride beyond
-}
 
 }  // namespace
 

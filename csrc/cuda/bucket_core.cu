@@ -1,0 +1,190 @@
+// CUDA core of adacomp::compress_bucket and adacomp::decode_bucket_ (API: bucket_core.cuh).
+// No PyTorch header here: .ci/nvcc_check.sh compiles this file with nvcc alone.
+//
+// The per-index work lives in csrc/wire.h and csrc/wire_check.h as __host__ __device__
+// functions; these kernels are grid-stride loops around them, so the host emulation
+// (csrc/cpu/wire_emulate.cpp) runs exactly what the GPU runs. Errors are OR-ed into one
+// flag word; nothing here synchronises with the host.
+#include "../common.h"
+#include "bucket_core.cuh"
+#include "device_util.cuh"
+
+namespace adacomp {
+namespace {
+
+using device::block_exclusive_scan;
+using device::grid_for;
+using device::kScanThreads;
+
+constexpr int kThreads = 256;
+
+#define ADACOMP_GRID_STRIDE(i, n) \
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+__global__ void __launch_bounds__(kScanThreads) bin_end_kernel(const int32_t* counts, int64_t n_bins,
+                                                               int64_t* bin_end) {
+  block_exclusive_scan(
+      n_bins, [=](int64_t i) { return counts[i]; },
+      [=](int64_t i, long long prefix) { bin_end[i] = prefix + counts[i]; });
+}
+
+__global__ void summary_kernel(const int64_t* bin_end, const int64_t* sel_info, const float* scale,
+                               int64_t numel, int64_t bin_size, int64_t pieces, int64_t* row) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    summary_row(bin_end, sel_info, scale, numel, bin_size, pieces, row);
+    row[kSumZero] = 1;
+  }
+}
+
+// adacomp.parallel.exchange.all_zero: the head (256 elements) first, the rest only if the
+// head is all zero. Every block reads the head; they all stop there in the common case.
+__global__ void __launch_bounds__(kThreads) zero_kernel(const float* g, int64_t n, int64_t* row) {
+  const int64_t head = n < kThreads ? n : kThreads;
+  const bool nz = threadIdx.x < head && g[threadIdx.x] != 0.0f;
+  if (__syncthreads_or(nz)) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) row[kSumZero] = 0;
+    return;
+  }
+  bool any = false;
+  for (int64_t i = head + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads)
+    any |= g[i] != 0.0f;
+  if (any) row[kSumZero] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads) write_wire_kernel(const WirePiece* pieces, int64_t n_pieces,
+                                                              const WireTensor* tensors, const uint8_t* headers,
+                                                              uint8_t* out, int64_t total) {
+  ADACOMP_GRID_STRIDE(k, total) { out[k] = wire_byte(pieces, n_pieces, tensors, headers, k); }
+}
+
+__global__ void __launch_bounds__(kThreads) check_header_kernel(const CheckEntry* es, int64_t n, const int64_t* dims,
+                                                                CheckParsed* parsed, int32_t* flags) {
+  ADACOMP_GRID_STRIDE(e, n) {
+    parsed[e] = check_header(es[e].data, es[e].nbytes, dims + es[e].dims_off, es[e].ndim);
+    if (!parsed[e].ok) atomicOr(&flags[0], 1);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) check_bytes_kernel(const CheckEntry* es, int64_t n,
+                                                               const CheckParsed* parsed, int64_t total,
+                                                               int64_t* zeros, int32_t* flags) {
+  ADACOMP_GRID_STRIDE(k, total) {
+    zeros[k] = byte_zeros(es, n, parsed, k);
+    if (!check_byte(es, n, parsed, k)) atomicOr(&flags[0], 1);
+  }
+}
+
+__global__ void __launch_bounds__(kScanThreads) scan_kernel(int64_t* zeros, int64_t total) {
+  const long long sum = block_exclusive_scan(
+      total, [=](int64_t i) { return zeros[i]; }, [=](int64_t i, long long prefix) { zeros[i] = prefix; });
+  if (threadIdx.x == 0) zeros[total] = sum;
+}
+
+__global__ void __launch_bounds__(kThreads) check_count_kernel(const CheckEntry* es, int64_t n,
+                                                               const CheckParsed* parsed,
+                                                               const int64_t* zeros_before, int64_t total,
+                                                               int32_t* flags) {
+  ADACOMP_GRID_STRIDE(k, total) {
+    if (!check_count_byte(es, n, parsed, zeros_before, k)) atomicOr(&flags[0], 1);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) check_totals_kernel(const CheckEntry* es, int64_t n,
+                                                                const CheckParsed* parsed,
+                                                                const int64_t* zeros_before, int32_t* flags) {
+  ADACOMP_GRID_STRIDE(e, n) {
+    if (!check_totals(es[e], parsed[e], zeros_before)) atomicOr(&flags[0], 1);
+    if (parsed[e].nonfinite) atomicOr(&flags[1 + es[e].group], 1);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) fill_kernel(const CheckGroup* gs, int64_t n_groups, int64_t total,
+                                                        const int32_t* flags) {
+  ADACOMP_GRID_STRIDE(i, total) { fill_elem(gs, n_groups, flags, i); }
+}
+
+__global__ void __launch_bounds__(kThreads) add_kernel(const CheckEntry* es, int64_t n, const CheckParsed* parsed,
+                                                       const int64_t* zeros_before, int64_t total,
+                                                       const int32_t* flags, int64_t position) {
+  ADACOMP_GRID_STRIDE(k, total) { add_byte(es, n, parsed, zeros_before, flags, position, k); }
+}
+
+__global__ void __launch_bounds__(kThreads) divide_kernel(const CheckGroup* gs, int64_t n_groups, int64_t total,
+                                                          const int32_t* flags, float d) {
+  ADACOMP_GRID_STRIDE(i, total) { divide_elem(gs, n_groups, flags, d, i); }
+}
+
+}  // namespace
+
+cudaError_t summarize_launch(const float* grad, int64_t numel, int64_t bin_size, int64_t pieces,
+                             const int32_t* counts, const int64_t* sel_info, const float* scale,
+                             int64_t* bin_end, int64_t* row, cudaStream_t stream) {
+  if (numel < 0 || bin_size < 1 || pieces < 1) return cudaErrorInvalidValue;
+  const int64_t n_bins = numel == 0 ? 0 : (numel + bin_size - 1) / bin_size;
+  if (n_bins) bin_end_kernel<<<1, kScanThreads, 0, stream>>>(counts, n_bins, bin_end);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  summary_kernel<<<1, 32, 0, stream>>>(bin_end, sel_info, scale, numel, bin_size, pieces, row);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (numel) {
+    const unsigned int blocks = grid_for(numel, kThreads);
+    zero_kernel<<<blocks < 1024 ? blocks : 1024, kThreads, 0, stream>>>(grad, numel, row);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t write_wire_launch(const WirePiece* pieces, int64_t n_pieces, const WireTensor* tensors,
+                              const uint8_t* headers, uint8_t* out, int64_t total, cudaStream_t stream) {
+  if (total < 0 || n_pieces < 0 || (total > 0 && n_pieces == 0)) return cudaErrorInvalidValue;
+  if (total == 0) return cudaSuccess;
+  write_wire_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(pieces, n_pieces, tensors, headers, out,
+                                                                        total);
+  return cudaGetLastError();
+}
+
+cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int64_t* dims, int64_t total_bytes,
+                                int64_t n_groups, CheckParsed* parsed, int64_t* zeros_before, int32_t* flags,
+                                cudaStream_t stream) {
+  if (n < 0 || total_bytes < 0 || n_groups < 0) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(flags, 0, (size_t)(1 + n_groups) * sizeof(int32_t), stream);
+  if (err != cudaSuccess || n == 0) return err;
+  check_header_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(entries, n, dims, parsed, flags);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (total_bytes) {
+    check_bytes_kernel<<<grid_for(total_bytes, kThreads), kThreads, 0, stream>>>(entries, n, parsed, total_bytes,
+                                                                                zeros_before, flags);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  scan_kernel<<<1, kScanThreads, 0, stream>>>(zeros_before, total_bytes);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (total_bytes) {
+    check_count_kernel<<<grid_for(total_bytes, kThreads), kThreads, 0, stream>>>(entries, n, parsed, zeros_before,
+                                                                                total_bytes, flags);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  check_totals_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(entries, n, parsed, zeros_before, flags);
+  return cudaGetLastError();
+}
+
+cudaError_t apply_bucket_launch(const CheckEntry* entries, int64_t n, const CheckParsed* parsed,
+                                const int64_t* zeros_before, int64_t total_bytes, const CheckGroup* groups,
+                                int64_t n_groups, int64_t total_elems, const int32_t* flags, int64_t positions,
+                                int64_t divisor, cudaStream_t stream) {
+  if (n < 0 || total_bytes < 0 || n_groups < 0 || total_elems < 0 || divisor < 1) return cudaErrorInvalidValue;
+  if (total_elems == 0) return cudaSuccess;
+  fill_kernel<<<grid_for(total_elems, kThreads), kThreads, 0, stream>>>(groups, n_groups, total_elems, flags);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // One launch per position: the payloads of a range are added in order (the CPU's sums).
+  for (int64_t p = 0; p < positions && total_bytes; ++p) {
+    add_kernel<<<grid_for(total_bytes, kThreads), kThreads, 0, stream>>>(entries, n, parsed, zeros_before,
+                                                                         total_bytes, flags, p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (divisor > 1)
+    divide_kernel<<<grid_for(total_elems, kThreads), kThreads, 0, stream>>>(groups, n_groups, total_elems, flags,
+                                                                            (float)divisor);
+  return cudaGetLastError();
+}
+
+}  // namespace adacomp
