@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-checks the torch-free CUDA core (csrc/cuda/select_core.cu) with nvcc alone, for
+# Compile-checks the torch-free CUDA cores (csrc/cuda/select_core.cu, bucket_core.cu) with nvcc alone, for
 # a few real GPU architectures, treating warnings (including register spills) as errors.
 # Needs only a CUDA toolkit, no GPU and no CUDA build of PyTorch. The PyTorch binding
 # (kernels_binding.cu) is compiled by `FORCE_CUDA=1 pip install -e .` instead.
@@ -33,7 +33,7 @@ trap 'rm -rf "$out"' EXIT
 
 # The public header must stay free of PyTorch and of device code: it compiles as plain
 # host C++ (nvcc -x c++ hands it to the host compiler, with only the CUDA include path).
-echo '#include "cuda/select_core.cuh"' >"$out/header_check.cpp"
+printf '#include "cuda/select_core.cuh"\n#include "cuda/bucket_core.cuh"\n' >"$out/header_check.cpp"
 cmd=("$NVCC" -x c++ -std=c++17 -I csrc -Xcompiler -Wall,-Wextra,-Werror
      -c "$out/header_check.cpp" -o "$out/header_check.o")
 echo "+ ${cmd[*]}"
@@ -41,12 +41,13 @@ echo "+ ${cmd[*]}"
 
 # -O3 -std=c++17 as setup.py passes to nvcc. Compiled one arch at a time so that ptxas's
 # resource report (registers, shared memory) is readable per arch.
+for core in select_core bucket_core; do
 for ((i = 0; i < ${#gencode[@]}; i += 2)); do
   arch=${gencode[i + 1]##*=}
   cmd=("$NVCC" -std=c++17 -O3 -I csrc "${gencode[i]}" "${gencode[i + 1]}"
        --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
        -Xptxas -v,-warn-spills,-warn-lmem-usage,-Werror
-       -c csrc/cuda/select_core.cu -o "$out/select_core_$arch.o")
+       -c "csrc/cuda/$core.cu" -o "$out/${core}_$arch.o")
   echo "+ ${cmd[*]}"
   "${cmd[@]}" 2>"$out/ptxas_$arch.txt" || { cat "$out/ptxas_$arch.txt" >&2; exit 1; }
   # One line per kernel: its name and resource use (registers, shared memory, spills).
@@ -55,5 +56,6 @@ for ((i = 0; i < ${#gencode[@]}; i += 2)); do
     { command -v c++filt >/dev/null && c++filt || cat; } |
     sed -E 's/adacomp::\(anonymous namespace\):://g; s/^void //' |
     paste - - | awk -F '\t' '{ printf "    %-48s %s\n", $1, $2 }'
+done
 done
 echo "nvcc_check: OK"

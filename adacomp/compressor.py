@@ -159,9 +159,12 @@ class AdaComp:
         return self._prepare_loop(name, grad, shards, bin_size)
 
     def _native(self, grad: torch.Tensor) -> bool:
-        """Whether ``grad`` goes through the C++ bucket op (CPU tensors, C++ backend)."""
-        return grad.device.type == "cpu" and (self.device is None or self.device.type == "cpu") \
-            and ops.backend("cpu") == "cpp"
+        """Whether ``grad`` goes through the bucket op of the extension: CPU tensors with the
+        C++ backend, CUDA tensors with the CUDA backend (on the compressor's device)."""
+        device = grad.device if self.device is None else self.device
+        if device.type == "cpu":
+            return ops.backend("cpu") == "cpp"
+        return device.type == "cuda" and ops.backend(device) == "cuda"
 
     def _checked(self, name, grad) -> torch.Tensor:
         """``grad`` detached (on the compressor's device), after the checks every path makes."""

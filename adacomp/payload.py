@@ -607,8 +607,10 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
 
     Every payload is validated first (the checks and messages of :func:`parse_header`
     with ``shape=`` and of :func:`decompress_sum`); on a ``ValueError`` no output is
-    touched. On CPU with the extension this is ``adacomp::decode_bucket_``; elsewhere the
-    loop :func:`decode_bucket_loop_`.
+    touched. On CPU and CUDA with the extension this is ``adacomp::decode_bucket_``
+    (on CUDA: validation on the device, one host synchronisation for its verdict, and the
+    CPU decoder's message, from a host copy, when it rejects); elsewhere the loop
+    :func:`decode_bucket_loop_`.
 
     Raises:
         ValueError: a malformed payload, a payload of another shape than its entry expects,
@@ -620,7 +622,12 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
     """
     from . import ops
 
-    if outs and all(o.device.type == "cpu" for o in outs) and ops.backend("cpu") == "cpp":
+    device = outs[0].device if outs else None
+    native = device is not None and all(o.device == device for o in outs) and (
+        (device.type == "cpu" and ops.backend("cpu") == "cpp")
+        or (device.type == "cuda" and ops.backend(device) == "cuda"
+            and all(r.device == device for r in rows)))
+    if native:
         flat = []
         for o, s, e, r, off, nb, shape in entries:
             flat += [o, s, e, r, off, nb, len(shape), *shape]

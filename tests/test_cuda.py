@@ -344,3 +344,140 @@ def test_adacomp_on_cuda_matches_cpu(scale, values):
             adacomp.decompress_sum([p_gpu, p_gpu], out_gpu)
             assert torch.equal(_bits(out_gpu), _bits(out_cpu)) or (
                 p_cpu.nonfinite and bool(torch.isnan(out_gpu).all()))
+
+
+# ----------------------------------------------------------------------------- one call per bucket
+# adacomp::compress_bucket and adacomp::decode_bucket_ on CUDA (csrc/cuda/bucket_core.cu)
+# against the CPU ops: the same bytes, residues and sums; the CPU decoder's verdict and
+# message; one host synchronisation per call. Their logic also runs on the CPU in
+# tests/test_cuda_logic.py (the emulation), which CI runs without a GPU.
+
+B_SHAPES = [(64, 3, 3, 3), (1000,), (257, 5), (7,), (1,), (3, 40), (300, 70), (50, 200)]
+B_BINS = [50, 500, 17, 500, 3, 50, 500, 6000]
+B_NAMES = [f"t{i}" for i in range(len(B_SHAPES))]
+
+
+def _bucket_grads(step, special=None, device="cpu"):
+    g = torch.Generator().manual_seed(step)
+    out = [torch.randn(s, generator=g) * (i + 1) for i, s in enumerate(B_SHAPES)]
+    if special == "nonfinite" and step == 1:
+        out[0].view(-1)[5] = float("inf")
+    if special == "zero":
+        out[2].zero_()
+    return [x.to(device) for x in out]
+
+
+def _bucket_run(device, values, shards, special, steps=3):
+    comp = adacomp.AdaComp(values=values, min_numel=0)
+    seen = []
+    for step in range(steps):
+        bp, pending = comp.prepare_bucket(B_NAMES, _bucket_grads(step, special, device), B_BINS, shards)
+        assert bp.data.device.type == device and bp.sizes.device.type == "cpu"
+        for p in pending:
+            comp.commit(p)
+        seen.append((bytes(bp.data.cpu().numpy()), bp.sizes.tolist(), bp.nonfinite, bp.zero))
+    return seen, [_bits(comp.residue(n)) for n in B_NAMES]
+
+
+@pytest.mark.parametrize("values", ["ternary", "fp16", "fp32"])
+@pytest.mark.parametrize("shards", [None, 1, 3, 4])
+@pytest.mark.parametrize("special", [None, "nonfinite", "zero"])
+def test_compress_bucket_cuda_is_the_cpu_op(values, shards, special):
+    gpu, gpu_res = _bucket_run("cuda", values, shards, special)
+    cpu, cpu_res = _bucket_run("cpu", values, shards, special)
+    assert gpu == cpu
+    for x, y in zip(gpu_res, cpu_res):
+        assert torch.equal(x, y)
+
+
+def _bucket_rows(W, shards, values, seed=0):
+    rows, sizes = [], []
+    for r in range(W):
+        comp = adacomp.AdaComp(values=values, min_numel=0)
+        bp, _ = comp.prepare_bucket(B_NAMES, _bucket_grads(seed * 10 + r), B_BINS, shards)
+        rows.append(bp.data.clone())
+        sizes.append(bp.sizes)
+    entries = []
+    for t, shape in enumerate(B_SHAPES):
+        n = torch.Size(shape).numel()
+        bounds = payload.shard_bounds(n, min(B_BINS[t], n), shards) if shards else [(0, n)]
+        for s, (a, b) in enumerate(bounds):
+            for r in range(W):
+                off = int(sizes[r].reshape(-1)[:s * len(B_SHAPES) + t].sum())
+                entries.append((t, a, b, r, off, int(sizes[r][s, t]), (b - a,) if shards else shape))
+    return rows, entries
+
+
+def _decode_on(device, rows, entries, divisor=1):
+    outs = [torch.full((torch.Size(s).numel(),), 7.0, device=device) for s in B_SHAPES]
+    try:
+        payload.decode_bucket_(outs, [r.to(device) for r in rows], entries, divisor)
+    except ValueError as exc:
+        assert all(bool((o == 7.0).all()) for o in outs), "outputs must be untouched on error"
+        return ("error", str(exc))
+    return ("ok", [_bits(o).tolist() for o in outs])
+
+
+@pytest.mark.parametrize("values", ["ternary", "fp16", "fp32"])
+@pytest.mark.parametrize("shards", [None, 3])
+@pytest.mark.parametrize("divisor", [1, 3])
+def test_decode_bucket_cuda_is_the_cpu_op(values, shards, divisor):
+    rows, entries = _bucket_rows(3, shards, values)
+    cpu = _decode_on("cpu", rows, entries, divisor)
+    assert cpu[0] == "ok"
+    assert _decode_on("cuda", rows, entries, divisor) == cpu
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decode_bucket_cuda_rejects_with_the_cpu_message(seed):
+    """Random byte edits (half of them in headers): the CPU decoder's verdict and message,
+    and nothing written on error."""
+    rows, entries = _bucket_rows(2, 2 if seed % 2 else None, "fp16" if seed % 3 == 0 else "ternary", seed=1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(1 + seed % 3):
+        r = int(torch.randint(2, (1,), generator=g))
+        if seed % 4 < 2:
+            e = [x for x in entries if x[3] == r][int(torch.randint(len(entries) // 2, (1,), generator=g))]
+            pos = e[4] + int(torch.randint(min(e[5], 12), (1,), generator=g))
+        else:
+            pos = int(torch.randint(rows[r].numel(), (1,), generator=g))
+        rows[r][pos] = int(torch.randint(256, (1,), generator=g))
+    assert _decode_on("cuda", rows, entries) == _decode_on("cpu", rows, entries)
+
+
+def _syncs(fn):
+    """(result, number of host synchronisations that fn made), from sync-debug warnings."""
+    import warnings
+
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    return out, sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_one_host_synchronisation_per_bucket():
+    """compress_bucket: one (the size table); decode_bucket_: one (the verdict), whatever
+    the number of tensors and ranks; and none at all in what runs between them. Under
+    set_sync_debug_mode("error") the ops therefore raise at that one copy and nowhere else."""
+    comp = adacomp.AdaComp(min_numel=0)
+    grads = _bucket_grads(0, device="cuda")
+    comp.prepare_bucket(B_NAMES, grads, B_BINS)  # residues exist from here on
+    (bp, pending), n = _syncs(lambda: comp.prepare_bucket(B_NAMES, grads, B_BINS, 4))
+    assert n == 1, f"compress_bucket made {n} host synchronisations for {len(B_NAMES)} tensors"
+    rows, entries = _bucket_rows(3, None, "ternary")
+    rows = [r.cuda() for r in rows]
+    outs = [torch.empty(torch.Size(s).numel(), device="cuda") for s in B_SHAPES]
+    _, n = _syncs(lambda: payload.decode_bucket_(outs, rows, entries, 3))
+    assert n == 1, f"decode_bucket_ made {n} host synchronisations for {len(entries)} payloads"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            comp.prepare_bucket(B_NAMES, grads, B_BINS)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,17 +1,25 @@
-// CUDA kernels of adacomp::select and adacomp::decompress_sum_ (schemas in csrc/adacomp.cpp):
-// argument checks, output and workspace allocation through PyTorch's caching allocator,
-// and a call into the torch-free core (select_core.cu) on the current stream.
+// CUDA kernels of adacomp::select, adacomp::decompress_sum_, adacomp::compress_bucket and
+// adacomp::decode_bucket_ (schemas in csrc/adacomp.cpp): argument checks, output and
+// workspace allocation through PyTorch's caching allocator, and calls into the torch-free
+// cores (select_core.cu, bucket_core.cu) on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstring>
+
+#include <algorithm>
+#include <array>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../decode.h"
+#include "bucket_core.cuh"
 #include "select_core.cuh"
 
 namespace adacomp {
@@ -130,11 +138,156 @@ void decompress_sum_cuda(at::Tensor& out, at::TensorList data, at::IntArrayRef m
                                        c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+// Host bytes [a | b | c] (each part 8-byte aligned) copied to the device without waiting:
+// pinned memory and a non-blocking copy (the caching host allocator keeps the buffer until
+// the copy has run). Returns the device buffer; *offsets receives each part's offset.
+template <size_t N>
+at::Tensor upload(const std::array<std::pair<const void*, size_t>, N>& parts, const at::Device& device,
+                  std::array<size_t, N>* offsets) {
+  size_t total = 0;
+  for (size_t i = 0; i < N; ++i) {
+    (*offsets)[i] = total;
+    total += (parts[i].second + 7) / 8 * 8;
+  }
+  auto host = at::empty({(int64_t)std::max<size_t>(total, 8)},
+                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  for (size_t i = 0; i < N; ++i)
+    if (parts[i].second) std::memcpy(host.data_ptr<uint8_t>() + (*offsets)[i], parts[i].first, parts[i].second);
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// One call per bucket (csrc/wire.h): per gradient the selection and phase 1 on the device;
+// one copy of the summary rows to the host (the op's only synchronisation, which the size
+// exchange needs anyway); then one kernel writes every byte of every payload. Returns data
+// on the gradients' device, sizes [max(pieces, 1), T] and info [T, 3] on the host.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cuda(
+    at::TensorList grads, at::TensorList residues, at::TensorList residue_outs, at::IntArrayRef bin_sizes,
+    at::IntArrayRef shapes, int64_t pieces, int64_t scale_mode, int64_t value_mode) {
+  const int64_t T = (int64_t)grads.size();
+  TORCH_CHECK_VALUE(T >= 1, "adacomp::compress_bucket: the CUDA kernel needs at least one gradient");
+  TORCH_CHECK_VALUE((int64_t)residues.size() == T && (int64_t)residue_outs.size() == T &&
+                        (int64_t)bin_sizes.size() == T,
+                    "adacomp::compress_bucket: one residue, residue_out and bin size per gradient");
+  TORCH_CHECK_VALUE(pieces >= 0, "adacomp::compress_bucket: pieces must be >= 0, got ", pieces);
+  std::vector<std::vector<int64_t>> dims;
+  const std::string bad = parse_shapes(shapes.data(), shapes.size(), T, &dims);
+  TORCH_CHECK_VALUE(bad.empty(), bad);
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard device_guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t P = pieces > 0 ? pieces : 1;
+  const int64_t stride = kSumEdges + P + 1;
+  auto table = at::empty({T, stride}, grads[0].options().dtype(at::kLong));
+  std::vector<at::Tensor> keep;  // selection results, alive until the write kernel is queued
+  std::vector<int64_t> bins(bin_sizes.begin(), bin_sizes.end());
+  std::vector<WireTensor> tensors(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor& g = grads[t];
+    TORCH_CHECK_VALUE(g.device() == device, "adacomp::compress_bucket: gradient ", t, " is on ", g.device(),
+                      " and gradient 0 on ", device, "; a bucket lives on one device");
+    int64_t numel = 1;
+    for (int64_t d : dims[t]) numel *= d;
+    TORCH_CHECK_VALUE(numel == g.numel(), "adacomp::compress_bucket: gradient ", t, " has ", g.numel(),
+                      " elements, its shape says ", numel);
+    auto [counts, offsets, values, scale, info] =
+        select_cuda(g, residues[t], const_cast<at::Tensor&>(residue_outs[t]), bins[t], scale_mode, value_mode);
+    auto bin_end = at::empty({counts.numel()}, counts.options().dtype(at::kLong));
+    C10_CUDA_CHECK(summarize_launch(g.data_ptr<float>(), g.numel(), bins[t], P, counts.data_ptr<int32_t>(),
+                                    info.data_ptr<int64_t>(), scale.data_ptr<float>(), bin_end.data_ptr<int64_t>(),
+                                    table.data_ptr<int64_t>() + t * stride, stream));
+    tensors[t] = {bin_end.data_ptr<int64_t>(), offsets.data_ptr<int32_t>(), values.data_ptr<float>()};
+    keep.insert(keep.end(), {bin_end, offsets, values});
+  }
+  const at::Tensor rows = table.cpu();  // the synchronisation
+  const WirePlan plan = plan_wire(rows.data_ptr<int64_t>(), stride, dims, bins, pieces, (int)value_mode);
+  auto data = at::empty({plan.total}, grads[0].options().dtype(at::kByte));
+  if (plan.total) {
+    std::array<size_t, 3> at_{};
+    const at::Tensor blob = upload<3>({{{plan.pieces.data(), plan.pieces.size() * sizeof(WirePiece)},
+                                        {tensors.data(), tensors.size() * sizeof(WireTensor)},
+                                        {plan.headers.data(), plan.headers.size()}}},
+                                      device, &at_);
+    const uint8_t* b = blob.data_ptr<uint8_t>();
+    C10_CUDA_CHECK(write_wire_launch(reinterpret_cast<const WirePiece*>(b + at_[0]), (int64_t)plan.pieces.size(),
+                                     reinterpret_cast<const WireTensor*>(b + at_[1]), b + at_[2],
+                                     data.data_ptr<uint8_t>(), plan.total, stream));
+  }
+  auto sizes = at::tensor(at::ArrayRef<int64_t>(plan.sizes), at::kLong).reshape({P, T});
+  auto info = at::empty({T, 3}, at::kLong);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* inf = info.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    inf[3 * t] = r[t * stride + kSumSent];
+    inf[3 * t + 1] = r[t * stride + kSumNonfinite];
+    inf[3 * t + 2] = r[t * stride + kSumZero];
+  }
+  return {data, sizes, info};
+}
+
+// Validation on the device (csrc/wire_check.h), one copy of the verdict to the host (the
+// op's only synchronisation), then the sums on the device. A rejected bucket is handed to
+// the CPU decoder on a host copy, which raises the same ValueError as on the CPU; outs are
+// not touched.
+void decode_bucket_cuda(at::TensorList outs, at::TensorList rows, at::IntArrayRef entries, int64_t divisor) {
+  TORCH_CHECK_VALUE(divisor >= 1, "adacomp::decode_bucket_: divisor must be >= 1, got ", divisor);
+  TORCH_CHECK_VALUE(!outs.empty(), "adacomp::decode_bucket_: no outputs");
+  const at::Device device = outs[0].device();
+  for (const at::Tensor& o : outs)
+    TORCH_CHECK_VALUE(o.scalar_type() == at::kFloat && o.is_contiguous() && o.device() == device,
+                      "adacomp::decode_bucket_: outputs must be contiguous fp32 tensors on ", device);
+  for (const at::Tensor& r : rows)
+    TORCH_CHECK_VALUE(r.scalar_type() == at::kByte && r.dim() == 1 && r.is_contiguous() && r.device() == device,
+                      "adacomp::decode_bucket_: rows must be contiguous 1-D uint8 tensors on ", device,
+                      " (the outputs' device)");
+  std::vector<std::pair<float*, int64_t>> o;
+  std::vector<std::pair<const uint8_t*, int64_t>> r;
+  for (const at::Tensor& t : outs) o.emplace_back(t.data_ptr<float>(), t.numel());
+  for (const at::Tensor& t : rows) r.emplace_back(t.data_ptr<uint8_t>(), t.numel());
+  CheckPlan plan;
+  const std::string bad = plan_check(entries.data(), entries.size(), o, r, &plan);
+  TORCH_CHECK_VALUE(bad.empty(), bad);
+  const int64_t n = (int64_t)plan.entries.size(), G = (int64_t)plan.groups.size();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard device_guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::array<size_t, 3> at_{};
+  const at::Tensor blob = upload<3>({{{plan.entries.data(), plan.entries.size() * sizeof(CheckEntry)},
+                                      {plan.groups.data(), plan.groups.size() * sizeof(CheckGroup)},
+                                      {plan.dims.data(), plan.dims.size() * sizeof(int64_t)}}},
+                                    device, &at_);
+  const uint8_t* b = blob.data_ptr<uint8_t>();
+  const auto* es = reinterpret_cast<const CheckEntry*>(b + at_[0]);
+  const auto* gs = reinterpret_cast<const CheckGroup*>(b + at_[1]);
+  const auto* ds = reinterpret_cast<const int64_t*>(b + at_[2]);
+  const auto bytes = outs[0].options().dtype(at::kByte);
+  auto parsed = at::empty({n * (int64_t)sizeof(CheckParsed)}, bytes);
+  auto zeros = at::empty({plan.total_bytes + 1}, outs[0].options().dtype(at::kLong));
+  auto flags = at::empty({1 + G}, outs[0].options().dtype(at::kInt));
+  auto* ps = reinterpret_cast<CheckParsed*>(parsed.data_ptr<uint8_t>());
+  C10_CUDA_CHECK(check_bucket_launch(es, n, ds, plan.total_bytes, G, ps, zeros.data_ptr<int64_t>(),
+                                     flags.data_ptr<int32_t>(), stream));
+  if (flags[0].item<int32_t>() != 0) {  // the synchronisation
+    std::vector<at::Tensor> host_outs, host_rows;
+    for (const at::Tensor& t : outs) host_outs.push_back(at::empty_like(t, at::kCPU));
+    for (const at::Tensor& t : rows) host_rows.push_back(t.cpu());
+    static auto cpu_decode = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("adacomp::decode_bucket_", "")
+                                 .typed<void(at::TensorList, at::TensorList, at::IntArrayRef, int64_t)>();
+    cpu_decode.call(host_outs, host_rows, entries, divisor);  // raises the CPU decoder's ValueError
+    TORCH_CHECK(false, "adacomp::decode_bucket_: the CUDA validation rejected a bucket that the CPU decoder "
+                "accepts; this is a bug in adacomp, please report it");
+  }
+  C10_CUDA_CHECK(apply_bucket_launch(es, n, ps, zeros.data_ptr<int64_t>(), plan.total_bytes, gs, G,
+                                     plan.total_elems, flags.data_ptr<int32_t>(), plan.positions, divisor, stream));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adacomp, CUDA, m) {
   m.impl("select", &select_cuda);
   m.impl("decompress_sum_", &decompress_sum_cuda);
+  m.impl("compress_bucket", &compress_bucket_cuda);
+  m.impl("decode_bucket_", &decode_bucket_cuda);
 }
 
 }  // namespace adacomp
