@@ -12,21 +12,35 @@
 namespace adacomp {
 namespace {
 
-using device::block_exclusive_scan;
 using device::grid_for;
-using device::kScanThreads;
+using device::scan_chunk_count;
+using device::scan_launch;
 
 constexpr int kThreads = 256;
 
 #define ADACOMP_GRID_STRIDE(i, n) \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
-__global__ void __launch_bounds__(kScanThreads) bin_end_kernel(const int32_t* counts, int64_t n_bins,
-                                                               int64_t* bin_end) {
-  block_exclusive_scan(
-      n_bins, [=](int64_t i) { return counts[i]; },
-      [=](int64_t i, long long prefix) { bin_end[i] = prefix + counts[i]; });
-}
+// bin_end[i] = counts[0] + ... + counts[i] (the multi-block scan's store).
+struct LoadInt32 {
+  const int32_t* v;
+  __device__ long long operator()(int64_t i) const { return v[i]; }
+};
+struct StoreInclusive {
+  const int32_t* v;
+  int64_t* out;
+  __device__ void operator()(int64_t i, long long prefix) const { out[i] = prefix + v[i]; }
+};
+// zeros[i] = zeros[0] + ... + zeros[i - 1], in place; index total (loaded as 0) gets the sum.
+struct LoadZeros {
+  const int64_t* v;
+  int64_t total;
+  __device__ long long operator()(int64_t i) const { return i < total ? v[i] : 0; }
+};
+struct StoreExclusive {
+  int64_t* out;
+  __device__ void operator()(int64_t i, long long prefix) const { out[i] = prefix; }
+};
 
 __global__ void summary_kernel(const int64_t* bin_end, const int64_t* sel_info, const float* scale,
                                int64_t numel, int64_t bin_size, int64_t pieces, int64_t* row) {
@@ -74,12 +88,6 @@ __global__ void __launch_bounds__(kThreads) check_bytes_kernel(const CheckEntry*
   }
 }
 
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(int64_t* zeros, int64_t total) {
-  const long long sum = block_exclusive_scan(
-      total, [=](int64_t i) { return zeros[i]; }, [=](int64_t i, long long prefix) { zeros[i] = prefix; });
-  if (threadIdx.x == 0) zeros[total] = sum;
-}
-
 __global__ void __launch_bounds__(kThreads) check_count_kernel(const CheckEntry* es, int64_t n,
                                                                const CheckParsed* parsed,
                                                                const int64_t* zeros_before, int64_t total,
@@ -116,14 +124,23 @@ __global__ void __launch_bounds__(kThreads) divide_kernel(const CheckGroup* gs, 
 
 }  // namespace
 
+size_t summarize_workspace_bytes(int64_t numel, int64_t bin_size) {
+  if (numel < 0 || bin_size < 1) return 0;
+  const int64_t n_bins = numel == 0 ? 0 : (numel + bin_size - 1) / bin_size;
+  return (size_t)(scan_chunk_count(n_bins) + 1) * sizeof(long long);
+}
+
 cudaError_t summarize_launch(const float* grad, int64_t numel, int64_t bin_size, int64_t pieces,
                              const int32_t* counts, const int64_t* sel_info, const float* scale,
-                             int64_t* bin_end, int64_t* row, cudaStream_t stream) {
-  if (numel < 0 || bin_size < 1 || pieces < 1) return cudaErrorInvalidValue;
+                             int64_t* bin_end, int64_t* row, void* workspace, cudaStream_t stream) {
+  if (numel < 0 || bin_size < 1 || pieces < 1 || workspace == nullptr) return cudaErrorInvalidValue;
   const int64_t n_bins = numel == 0 ? 0 : (numel + bin_size - 1) / bin_size;
-  if (n_bins) bin_end_kernel<<<1, kScanThreads, 0, stream>>>(counts, n_bins, bin_end);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (n_bins) {
+    err = scan_launch(LoadInt32{counts}, StoreInclusive{counts, bin_end}, n_bins,
+                      static_cast<long long*>(workspace), stream);
+    if (err != cudaSuccess) return err;
+  }
   summary_kernel<<<1, 32, 0, stream>>>(bin_end, sel_info, scale, numel, bin_size, pieces, row);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (numel) {
@@ -142,10 +159,14 @@ cudaError_t write_wire_launch(const WirePiece* pieces, int64_t n_pieces, const W
   return cudaGetLastError();
 }
 
+size_t check_workspace_bytes(int64_t total_bytes) {
+  return total_bytes < 0 ? 0 : (size_t)(scan_chunk_count(total_bytes + 1) + 1) * sizeof(long long);
+}
+
 cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int64_t* dims, int64_t total_bytes,
                                 int64_t n_groups, CheckParsed* parsed, int64_t* zeros_before, int32_t* flags,
-                                cudaStream_t stream) {
-  if (n < 0 || total_bytes < 0 || n_groups < 0) return cudaErrorInvalidValue;
+                                void* workspace, cudaStream_t stream) {
+  if (n < 0 || total_bytes < 0 || n_groups < 0 || workspace == nullptr) return cudaErrorInvalidValue;
   cudaError_t err = cudaMemsetAsync(flags, 0, (size_t)(1 + n_groups) * sizeof(int32_t), stream);
   if (err != cudaSuccess || n == 0) return err;
   check_header_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(entries, n, dims, parsed, flags);
@@ -155,8 +176,9 @@ cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int6
                                                                                 zeros_before, flags);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(zeros_before, total_bytes);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = scan_launch(LoadZeros{zeros_before, total_bytes}, StoreExclusive{zeros_before}, total_bytes + 1,
+                    static_cast<long long*>(workspace), stream);
+  if (err != cudaSuccess) return err;
   if (total_bytes) {
     check_count_kernel<<<grid_for(total_bytes, kThreads), kThreads, 0, stream>>>(entries, n, parsed, zeros_before,
                                                                                 total_bytes, flags);

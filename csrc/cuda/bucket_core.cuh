@@ -15,16 +15,22 @@
 
 namespace adacomp {
 
+// Bytes of scratch device memory summarize_launch needs (no initialisation needed).
+size_t summarize_workspace_bytes(int64_t numel, int64_t bin_size);
+
 // Phase 1 after select_launch for one gradient of numel elements: bin_end[n_bins] = inclusive
-// scan of counts, and the summary row (wire.h: n_sent, nonfinite, all-zero flag, scale bits,
-// entries before each of pieces + 1 shard edges; pieces >= 1).
+// scan of counts (a multi-block scan), and the summary row (wire.h: n_sent, nonfinite,
+// all-zero flag, scale bits, entries before each of pieces + 1 shard edges; pieces >= 1).
 cudaError_t summarize_launch(const float* grad, int64_t numel, int64_t bin_size, int64_t pieces,
                              const int32_t* counts, const int64_t* sel_info, const float* scale,
-                             int64_t* bin_end, int64_t* row, cudaStream_t stream);
+                             int64_t* bin_end, int64_t* row, void* workspace, cudaStream_t stream);
 
 // Phase 2: out[0, total) = the bucket's payloads (one thread per byte, wire_byte).
 cudaError_t write_wire_launch(const WirePiece* pieces, int64_t n_pieces, const WireTensor* tensors,
                               const uint8_t* headers, uint8_t* out, int64_t total, cudaStream_t stream);
+
+// Bytes of scratch device memory check_bucket_launch needs (no initialisation needed).
+size_t check_workspace_bytes(int64_t total_bytes);
 
 // Validation steps 1-5 of wire_check.h for n entries of total_bytes bytes in all. parsed:
 // n CheckParsed; zeros_before: total_bytes + 1 int64; flags: 1 + n_groups int32, zeroed
@@ -32,7 +38,7 @@ cudaError_t write_wire_launch(const WirePiece* pieces, int64_t n_pieces, const W
 // a non-finite payload.
 cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int64_t* dims, int64_t total_bytes,
                                 int64_t n_groups, CheckParsed* parsed, int64_t* zeros_before, int32_t* flags,
-                                cudaStream_t stream);
+                                void* workspace, cudaStream_t stream);
 
 // After a successful check: every group's range zeroed (NaN if it holds a non-finite
 // payload), its payloads added in position order (positions = the most payloads of a

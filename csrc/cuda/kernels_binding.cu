@@ -192,9 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cuda(
     auto [counts, offsets, values, scale, info] =
         select_cuda(g, residues[t], const_cast<at::Tensor&>(residue_outs[t]), bins[t], scale_mode, value_mode);
     auto bin_end = at::empty({counts.numel()}, counts.options().dtype(at::kLong));
+    auto ws = at::empty({(int64_t)summarize_workspace_bytes(g.numel(), bins[t])}, counts.options().dtype(at::kByte));
     C10_CUDA_CHECK(summarize_launch(g.data_ptr<float>(), g.numel(), bins[t], P, counts.data_ptr<int32_t>(),
                                     info.data_ptr<int64_t>(), scale.data_ptr<float>(), bin_end.data_ptr<int64_t>(),
-                                    table.data_ptr<int64_t>() + t * stride, stream));
+                                    table.data_ptr<int64_t>() + t * stride, ws.data_ptr(), stream));
     tensors[t] = {bin_end.data_ptr<int64_t>(), offsets.data_ptr<int32_t>(), values.data_ptr<float>()};
     keep.insert(keep.end(), {bin_end, offsets, values});
   }
@@ -263,9 +264,10 @@ void decode_bucket_cuda(at::TensorList outs, at::TensorList rows, at::IntArrayRe
   auto parsed = at::empty({n * (int64_t)sizeof(CheckParsed)}, bytes);
   auto zeros = at::empty({plan.total_bytes + 1}, outs[0].options().dtype(at::kLong));
   auto flags = at::empty({1 + G}, outs[0].options().dtype(at::kInt));
+  auto ws = at::empty({(int64_t)check_workspace_bytes(plan.total_bytes)}, bytes);
   auto* ps = reinterpret_cast<CheckParsed*>(parsed.data_ptr<uint8_t>());
   C10_CUDA_CHECK(check_bucket_launch(es, n, ds, plan.total_bytes, G, ps, zeros.data_ptr<int64_t>(),
-                                     flags.data_ptr<int32_t>(), stream));
+                                     flags.data_ptr<int32_t>(), ws.data_ptr(), stream));
   if (flags[0].item<int32_t>() != 0) {  // the synchronisation
     std::vector<at::Tensor> host_outs, host_rows;
     for (const at::Tensor& t : outs) host_outs.push_back(at::empty_like(t, at::kCPU));
