@@ -290,7 +290,7 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
         else:
             work = functools.partial(_exchange_sync, state, buf, bucket.gradients(), params, last,
                                      world=world, group=worker.group, index=bucket.index())
-        return worker.submit(work)
+        return worker.submit(work, buf.device)
     if dense_only:
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         _maybe_end_step(state, last)
@@ -443,18 +443,26 @@ class _Worker:
         self.thread = threading.Thread(target=self._run, name="adacomp-exchange", daemon=True)
         self.thread.start()
 
-    def submit(self, fn) -> torch.futures.Future:
+    def submit(self, fn, device: torch.device | None = None) -> torch.futures.Future:
+        """Queue ``fn``; for a bucket on a CUDA device it runs on the hook caller's current
+        stream, after the kernels that produced the gradients and before whatever DDP
+        enqueues once the future is done."""
         fut = torch.futures.Future()
-        self.queue.put((fn, fut))
+        stream = torch.cuda.current_stream(device) if device is not None and device.type == "cuda" else None
+        self.queue.put((fn, fut, stream))
         # An error is raised from a callback, so that the future DDP waits on carries it as
         # an error (with the exception's type and message), not as a value.
         return fut.then(_unwrap)
 
     def _run(self):
         while True:
-            fn, fut = self.queue.get()
+            fn, fut, stream = self.queue.get()
             try:
-                fut.set_result((True, fn()))
+                if stream is None:
+                    fut.set_result((True, fn()))
+                else:
+                    with torch.cuda.stream(stream):
+                        fut.set_result((True, fn()))
             except BaseException as exc:  # noqa: BLE001 - handed to DDP, which raises it
                 fut.set_result((False, exc))
 
