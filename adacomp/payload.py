@@ -602,8 +602,8 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
     ``shape`` (``end - start`` elements), and consecutive entries with the same
     ``(out, start, end)`` are summed, in order, into ``outs[out].view(-1)[start:end]``
     (zeroed first; NaN if one of them carries the non-finite flag), and the sum divided by
-    ``divisor`` (the average over ``divisor`` ranks; ``Tensor.div_``'s rounding). Ranges may
-    not overlap.
+    ``divisor`` (the average over ``divisor`` ranks; IEEE division, on every device). Ranges
+    may not overlap.
 
     Every payload is validated first (the checks and messages of :func:`parse_header`
     with ``shape=`` and of :func:`decompress_sum`); on a ``ValueError`` no output is
@@ -653,8 +653,8 @@ def decode_bucket_loop_(outs: list[torch.Tensor], rows: list[torch.Tensor], entr
                  for _, _, _, r, off, nb, shape in items]
         tmp = torch.zeros(items[0][6], dtype=torch.float32, device=outs[o].device)
         decompress_sum(plist, tmp)
-        if divisor != 1:
-            tmp.div_(divisor)
+        if divisor != 1:  # a tensor divisor: CUDA divides (by a number it would multiply by 1/d)
+            tmp.div_(torch.full((), float(divisor), dtype=torch.float32, device=tmp.device))
         done.append((o, start, end, tmp))
     for o, start, end, tmp in done:
         outs[o].view(-1)[start:end].copy_(tmp.reshape(-1))

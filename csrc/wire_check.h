@@ -331,14 +331,23 @@ ADACOMP_HD void fill_elem(const CheckGroup* gs, int64_t n_groups, const int32_t*
   gs[g].out[i - gs[g].elem_base] = flags[1 + g] ? bits_float(0x7FC00000u) : 0.0f;
 }
 
-// Adds what byte k contributes if its payload is the position-th of its range: each
-// element of a count stream byte, or the dense value starting at k.
-ADACOMP_HD void add_byte(const CheckEntry* es, int64_t n, const CheckParsed* parsed, const int64_t* zeros_before,
-                         const int32_t* flags, int64_t position, int64_t k) {
-  const int64_t e = entry_of_byte(es, n, k);
+// Adds what byte k of the payloads at one position (of their ranges' sums) contributes:
+// each element of a count stream byte, or the dense value starting at k. Those payloads
+// are pos_entry[0, count), their bytes concatenated (pos_base: where each starts), so one
+// pass per position covers only its own payloads.
+ADACOMP_HD void add_byte(const CheckEntry* es, const CheckParsed* parsed, const int64_t* zeros_before,
+                         const int32_t* flags, const int64_t* pos_entry, const int64_t* pos_base, int64_t count,
+                         int64_t k) {
+  int64_t a = 0, z = count - 1;  // the last payload starting at or before k
+  while (a < z) {
+    const int64_t m = a + (z - a + 1) / 2;
+    if (pos_base[m] <= k) a = m; else z = m - 1;
+  }
+  const int64_t e = pos_entry[a];
+  k = es[e].byte_base + (k - pos_base[a]);  // the byte in the bucket's byte space
   const CheckEntry& ce = es[e];
   const CheckParsed& h = parsed[e];
-  if (ce.position != position || flags[1 + ce.group] || h.nonfinite) return;
+  if (flags[1 + ce.group] || h.nonfinite) return;
   int64_t at;
   const int part = part_of(h, k - ce.byte_base, &at);
   if (h.kind == kValueDense) {
@@ -372,6 +381,10 @@ struct CheckPlan {
   std::vector<CheckGroup> groups;
   std::vector<int64_t> dims;
   int64_t total_bytes = 0, total_elems = 0, positions = 0;
+  // The payloads at each position, position after position: pos_entry[pos_first[p],
+  // pos_first[p + 1]) are position p's, pos_base their byte offsets in p's own byte space of
+  // pos_bytes[p] bytes.
+  std::vector<int64_t> pos_entry, pos_base, pos_first, pos_bytes;
 };
 
 // Returns "" and fills *plan, or the message of the first problem with the table (the
@@ -397,7 +410,8 @@ inline std::string plan_check(const int64_t* table, size_t size, const std::vect
       return "adacomp::decode_bucket_: entry names an output or row that does not exist";
     if (!(0 <= start && start <= end && end <= outs[out].second && (uint64_t)(end - start) == numel))
       return "adacomp::decode_bucket_: entry range does not match its output or shape";
-    if (!(offset >= 0 && nbytes >= 0 && offset + nbytes <= rows[row].second))
+    // (no offset + nbytes: a corrupt size table could make the sum wrap around)
+    if (!(offset >= 0 && nbytes >= 0 && offset <= rows[row].second && nbytes <= rows[row].second - offset))
       return "adacomp::decode_bucket_: entry bytes lie outside their row";
     const bool same = !ranges.empty() && std::get<0>(ranges.back()) == out &&
                       std::get<1>(ranges.back()) == start && std::get<2>(ranges.back()) == end;
@@ -416,6 +430,18 @@ inline std::string plan_check(const int64_t* table, size_t size, const std::vect
     plan->total_bytes += nbytes;
     plan->entries.push_back(e);
   }
+  for (int64_t p = 0; p < plan->positions; ++p) {
+    plan->pos_first.push_back((int64_t)plan->pos_entry.size());
+    int64_t bytes = 0;
+    for (size_t i = 0; i < plan->entries.size(); ++i) {
+      if (plan->entries[i].position != p) continue;
+      plan->pos_entry.push_back((int64_t)i);
+      plan->pos_base.push_back(bytes);
+      bytes += plan->entries[i].nbytes;
+    }
+    plan->pos_bytes.push_back(bytes);
+  }
+  plan->pos_first.push_back((int64_t)plan->pos_entry.size());
   std::sort(ranges.begin(), ranges.end());
   for (size_t g = 1; g < ranges.size(); ++g)
     if (std::get<0>(ranges[g]) == std::get<0>(ranges[g - 1]) && std::get<1>(ranges[g]) < std::get<2>(ranges[g - 1]))

@@ -194,3 +194,15 @@ def test_emulated_decode_checks_the_table_as_the_cpu_op():
             decode_bucket_(outs, rows, bad)
         with pytest.raises(ValueError, match=match):
             _emulated(outs, rows, bad)
+
+
+def test_a_wrapping_byte_range_is_rejected_not_read():
+    """offset + nbytes beyond 2^63 wraps around to a small number; the table check must not
+    be fooled into handing the decoder a pointer outside the row (CPU op and emulation)."""
+    rows, entries = _bucket(W=2)
+    outs = [torch.zeros(torch.Size(s).numel()) for s in SHAPES]
+    e = entries[0]
+    huge = (1 << 63) - 10
+    for fn in (decode_bucket_, _emulated):
+        with pytest.raises(ValueError, match="outside their row"):
+            fn(outs, rows, [(*e[:4], huge, huge, e[6])])

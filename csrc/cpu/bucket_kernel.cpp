@@ -457,7 +457,8 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
     TORCH_CHECK_VALUE(0 <= e.start && e.start <= e.end && e.end <= outs[e.out].numel() &&
                           (uint64_t)(e.end - e.start) == numel,
                       "adacomp::decode_bucket_: entry range does not match its output or shape");
-    TORCH_CHECK_VALUE(e.offset >= 0 && e.nbytes >= 0 && e.offset + e.nbytes <= rows[e.row].numel(),
+    TORCH_CHECK_VALUE(e.offset >= 0 && e.nbytes >= 0 && e.offset <= rows[e.row].numel() &&
+                          e.nbytes <= rows[e.row].numel() - e.offset,  // no sum: it could wrap
                       "adacomp::decode_bucket_: entry bytes lie outside their row");
     ent.push_back(std::move(e));
   }

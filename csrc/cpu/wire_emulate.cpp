@@ -103,8 +103,12 @@ void decode_bucket_emulated(at::TensorList outs, at::TensorList rows, at::IntArr
   }
   TORCH_CHECK_VALUE(!flags[0], "adacomp::_decode_bucket_emulated_: a payload was rejected");
   for (int64_t i = 0; i < plan.total_elems; ++i) fill_elem(plan.groups.data(), G, flags.data(), i);
-  for (int64_t p = 0; p < plan.positions; ++p)
-    for (int64_t k = 0; k < B; ++k) add_byte(es, n, parsed.data(), zeros.data(), flags.data(), p, k);
+  for (int64_t p = 0; p < plan.positions; ++p) {
+    const int64_t first = plan.pos_first[p], count = plan.pos_first[p + 1] - first;
+    for (int64_t k = 0; k < plan.pos_bytes[p]; ++k)
+      add_byte(es, parsed.data(), zeros.data(), flags.data(), plan.pos_entry.data() + first,
+               plan.pos_base.data() + first, count, k);
+  }
   if (divisor > 1)
     for (int64_t i = 0; i < plan.total_elems; ++i)
       divide_elem(plan.groups.data(), G, flags.data(), (float)divisor, i);

@@ -111,10 +111,11 @@ __global__ void __launch_bounds__(kThreads) fill_kernel(const CheckGroup* gs, in
   ADACOMP_GRID_STRIDE(i, total) { fill_elem(gs, n_groups, flags, i); }
 }
 
-__global__ void __launch_bounds__(kThreads) add_kernel(const CheckEntry* es, int64_t n, const CheckParsed* parsed,
-                                                       const int64_t* zeros_before, int64_t total,
-                                                       const int32_t* flags, int64_t position) {
-  ADACOMP_GRID_STRIDE(k, total) { add_byte(es, n, parsed, zeros_before, flags, position, k); }
+__global__ void __launch_bounds__(kThreads) add_kernel(const CheckEntry* es, const CheckParsed* parsed,
+                                                       const int64_t* zeros_before, const int32_t* flags,
+                                                       const int64_t* pos_entry, const int64_t* pos_base,
+                                                       int64_t count, int64_t total) {
+  ADACOMP_GRID_STRIDE(k, total) { add_byte(es, parsed, zeros_before, flags, pos_entry, pos_base, count, k); }
 }
 
 __global__ void __launch_bounds__(kThreads) divide_kernel(const CheckGroup* gs, int64_t n_groups, int64_t total,
@@ -189,18 +190,23 @@ cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int6
 }
 
 cudaError_t apply_bucket_launch(const CheckEntry* entries, int64_t n, const CheckParsed* parsed,
-                                const int64_t* zeros_before, int64_t total_bytes, const CheckGroup* groups,
-                                int64_t n_groups, int64_t total_elems, const int32_t* flags, int64_t positions,
-                                int64_t divisor, cudaStream_t stream) {
-  if (n < 0 || total_bytes < 0 || n_groups < 0 || total_elems < 0 || divisor < 1) return cudaErrorInvalidValue;
+                                const int64_t* zeros_before, const CheckGroup* groups, int64_t n_groups,
+                                int64_t total_elems, const int32_t* flags, const int64_t* pos_entry,
+                                const int64_t* pos_base, const int64_t* pos_first_host,
+                                const int64_t* pos_bytes_host, int64_t positions, int64_t divisor,
+                                cudaStream_t stream) {
+  if (n < 0 || n_groups < 0 || total_elems < 0 || divisor < 1 || positions < 0) return cudaErrorInvalidValue;
   if (total_elems == 0) return cudaSuccess;
   fill_kernel<<<grid_for(total_elems, kThreads), kThreads, 0, stream>>>(groups, n_groups, total_elems, flags);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // One launch per position: the payloads of a range are added in order (the CPU's sums).
-  for (int64_t p = 0; p < positions && total_bytes; ++p) {
-    add_kernel<<<grid_for(total_bytes, kThreads), kThreads, 0, stream>>>(entries, n, parsed, zeros_before,
-                                                                         total_bytes, flags, p);
+  // One launch per position, over that position's payloads only: the payloads of a range
+  // are added in order (the CPU's sums), and the launches cover every byte once in all.
+  for (int64_t p = 0; p < positions; ++p) {
+    const int64_t first = pos_first_host[p], count = pos_first_host[p + 1] - first, bytes = pos_bytes_host[p];
+    if (!bytes) continue;
+    add_kernel<<<grid_for(bytes, kThreads), kThreads, 0, stream>>>(entries, parsed, zeros_before, flags,
+                                                                   pos_entry + first, pos_base + first, count, bytes);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (divisor > 1)

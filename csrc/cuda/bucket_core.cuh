@@ -42,10 +42,13 @@ cudaError_t check_bucket_launch(const CheckEntry* entries, int64_t n, const int6
 
 // After a successful check: every group's range zeroed (NaN if it holds a non-finite
 // payload), its payloads added in position order (positions = the most payloads of a
-// group), and the sums divided by divisor (>= 1, IEEE division).
+// group; CheckPlan's pos_* lists: pos_entry and pos_base on the device, pos_first and
+// pos_bytes on the host), and the sums divided by divisor (>= 1, IEEE division).
 cudaError_t apply_bucket_launch(const CheckEntry* entries, int64_t n, const CheckParsed* parsed,
-                                const int64_t* zeros_before, int64_t total_bytes, const CheckGroup* groups,
-                                int64_t n_groups, int64_t total_elems, const int32_t* flags, int64_t positions,
-                                int64_t divisor, cudaStream_t stream);
+                                const int64_t* zeros_before, const CheckGroup* groups, int64_t n_groups,
+                                int64_t total_elems, const int32_t* flags, const int64_t* pos_entry,
+                                const int64_t* pos_base, const int64_t* pos_first_host,
+                                const int64_t* pos_bytes_host, int64_t positions, int64_t divisor,
+                                cudaStream_t stream);
 
 }  // namespace adacomp

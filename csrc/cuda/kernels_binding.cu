@@ -138,7 +138,7 @@ void decompress_sum_cuda(at::Tensor& out, at::TensorList data, at::IntArrayRef m
                                        c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-// Host bytes [a | b | c] (each part 8-byte aligned) copied to the device without waiting:
+// Host bytes [a | b | ...] (each part 8-byte aligned) copied to the device without waiting:
 // pinned memory and a non-blocking copy (the caching host allocator keeps the buffer until
 // the copy has run). Returns the device buffer; *offsets receives each part's offset.
 template <size_t N>
@@ -251,10 +251,12 @@ void decode_bucket_cuda(at::TensorList outs, at::TensorList rows, at::IntArrayRe
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::array<size_t, 3> at_{};
-  const at::Tensor blob = upload<3>({{{plan.entries.data(), plan.entries.size() * sizeof(CheckEntry)},
+  std::array<size_t, 5> at_{};
+  const at::Tensor blob = upload<5>({{{plan.entries.data(), plan.entries.size() * sizeof(CheckEntry)},
                                       {plan.groups.data(), plan.groups.size() * sizeof(CheckGroup)},
-                                      {plan.dims.data(), plan.dims.size() * sizeof(int64_t)}}},
+                                      {plan.dims.data(), plan.dims.size() * sizeof(int64_t)},
+                                      {plan.pos_entry.data(), plan.pos_entry.size() * sizeof(int64_t)},
+                                      {plan.pos_base.data(), plan.pos_base.size() * sizeof(int64_t)}}},
                                     device, &at_);
   const uint8_t* b = blob.data_ptr<uint8_t>();
   const auto* es = reinterpret_cast<const CheckEntry*>(b + at_[0]);
@@ -279,8 +281,10 @@ void decode_bucket_cuda(at::TensorList outs, at::TensorList rows, at::IntArrayRe
     TORCH_CHECK(false, "adacomp::decode_bucket_: the CUDA validation rejected a bucket that the CPU decoder "
                 "accepts; this is a bug in adacomp, please report it");
   }
-  C10_CUDA_CHECK(apply_bucket_launch(es, n, ps, zeros.data_ptr<int64_t>(), plan.total_bytes, gs, G,
-                                     plan.total_elems, flags.data_ptr<int32_t>(), plan.positions, divisor, stream));
+  C10_CUDA_CHECK(apply_bucket_launch(es, n, ps, zeros.data_ptr<int64_t>(), gs, G, plan.total_elems,
+                                     flags.data_ptr<int32_t>(), reinterpret_cast<const int64_t*>(b + at_[3]),
+                                     reinterpret_cast<const int64_t*>(b + at_[4]), plan.pos_first.data(),
+                                     plan.pos_bytes.data(), plan.positions, divisor, stream));
 }
 
 }  // namespace
