@@ -110,6 +110,18 @@ ADACOMP_HD float half_bits_to_float(uint16_t h) {
   return bits_float(sign | ((e + 112) << 23) | (m << 13));
 }
 
+// The last index m in [0, n) with start(m) <= k, for starts that never decrease and
+// start(0) <= k (the piece, payload or range holding position k).
+template <class Start>
+ADACOMP_HD int64_t last_start_at_or_before(int64_t n, int64_t k, Start start) {
+  int64_t a = 0, z = n - 1;
+  while (a < z) {
+    const int64_t m = a + (z - a + 1) / 2;
+    if (start(m) <= k) a = m; else z = m - 1;
+  }
+  return a;
+}
+
 // Quantized value of a sent element for the unquantized value modes.
 ADACOMP_HD float round_value(float g, int value_mode) {
   if (value_mode == kValueFp32) return g;

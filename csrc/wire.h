@@ -131,12 +131,7 @@ ADACOMP_HD uint8_t value_stream_byte(const WirePiece& p, const WireTensor& t, in
 // header blob.
 ADACOMP_HD uint8_t wire_byte(const WirePiece* pieces, int64_t n_pieces, const WireTensor* tensors,
                              const uint8_t* headers, int64_t k) {
-  int64_t a = 0, z = n_pieces - 1;  // the last piece starting at or before k
-  while (a < z) {
-    const int64_t m = a + (z - a + 1) / 2;
-    if (pieces[m].out_off <= k) a = m; else z = m - 1;
-  }
-  const WirePiece& p = pieces[a];
+  const WirePiece& p = pieces[last_start_at_or_before(n_pieces, k, [pieces](int64_t m) { return pieces[m].out_off; })];
   int64_t pos = k - p.out_off;
   if (pos < p.header_len) return headers[p.header_off + pos];
   pos -= p.header_len;

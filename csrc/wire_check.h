@@ -154,12 +154,7 @@ ADACOMP_HD CheckParsed check_header(const uint8_t* buf, int64_t total_len, const
 
 // The payload holding byte k of the bucket's byte space (entries sorted by byte_base).
 ADACOMP_HD int64_t entry_of_byte(const CheckEntry* es, int64_t n, int64_t k) {
-  int64_t a = 0, z = n - 1;
-  while (a < z) {
-    const int64_t m = a + (z - a + 1) / 2;
-    if (es[m].byte_base <= k) a = m; else z = m - 1;
-  }
-  return a;
+  return last_start_at_or_before(n, k, [es](int64_t m) { return es[m].byte_base; });
 }
 
 // Where byte `pos` of a payload lies: 0 header, 1 count stream, 2 entry stream, 3 values;
@@ -316,12 +311,7 @@ ADACOMP_HD float element_value(const CheckEntry& e, const CheckParsed& h, int64_
 
 // The output range holding element i of the space of all ranges (groups sorted by elem_base).
 ADACOMP_HD int64_t group_of(const CheckGroup* gs, int64_t n, int64_t i) {
-  int64_t a = 0, z = n - 1;
-  while (a < z) {
-    const int64_t m = a + (z - a + 1) / 2;
-    if (gs[m].elem_base <= i) a = m; else z = m - 1;
-  }
-  return a;
+  return last_start_at_or_before(n, i, [gs](int64_t m) { return gs[m].elem_base; });
 }
 
 // Before the sums: element i is 0, or NaN (the CPU decoder's quiet NaN) in a range that holds
@@ -338,11 +328,7 @@ ADACOMP_HD void fill_elem(const CheckGroup* gs, int64_t n_groups, const int32_t*
 ADACOMP_HD void add_byte(const CheckEntry* es, const CheckParsed* parsed, const int64_t* zeros_before,
                          const int32_t* flags, const int64_t* pos_entry, const int64_t* pos_base, int64_t count,
                          int64_t k) {
-  int64_t a = 0, z = count - 1;  // the last payload starting at or before k
-  while (a < z) {
-    const int64_t m = a + (z - a + 1) / 2;
-    if (pos_base[m] <= k) a = m; else z = m - 1;
-  }
+  const int64_t a = last_start_at_or_before(count, k, [pos_base](int64_t m) { return pos_base[m]; });
   const int64_t e = pos_entry[a];
   k = es[e].byte_base + (k - pos_base[a]);  // the byte in the bucket's byte space
   const CheckEntry& ce = es[e];

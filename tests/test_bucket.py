@@ -149,22 +149,25 @@ def test_prepare_bucket_errors_leave_residues_alone():
 
 # ----------------------------------------------------------------------------- decoding
 
-def _bucket(W=3, shards=None, values="ternary", seed=0):
-    """Every rank's bucket buffer, and the entries that decode it (rank order)."""
+def _bucket(W=3, shards=None, values="ternary", seed=0, shapes=SHAPES, bins=BINS, make=None):
+    """Every rank's bucket buffer, and the entries that decode it (rank order). make(seed):
+    the gradients (default _grads) of the given shapes."""
+    make = make or _grads
+    names = [f"t{i}" for i in range(len(shapes))]
     rows, sizes = [], []
     for r in range(W):
         comp = AdaComp(values=values, min_numel=0)
-        bp, _ = comp.prepare_bucket(NAMES, _grads(seed * 10 + r), BINS, shards)
+        bp, _ = comp.prepare_bucket(names, make(seed * 10 + r), bins, shards)
         rows.append(bp.data.clone())
         sizes.append(bp.sizes)
     entries = []
-    for t, shape in enumerate(SHAPES):
+    for t, shape in enumerate(shapes):
         n = torch.Size(shape).numel()
-        bounds = payload.shard_bounds(n, min(BINS[t], n), shards) if shards else [(0, n)]
+        bounds = payload.shard_bounds(n, min(bins[t], n), shards) if shards else [(0, n)]
         for s, (a, b) in enumerate(bounds):
             for r in range(W):
                 flat = sizes[r].reshape(-1)
-                off = int(flat[:s * len(SHAPES) + t].sum())
+                off = int(flat[:s * len(shapes) + t].sum())
                 entries.append((t, a, b, r, off, int(sizes[r][s, t]), (b - a,) if shards else shape))
     return rows, entries
 

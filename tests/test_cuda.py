@@ -391,21 +391,9 @@ def test_compress_bucket_cuda_is_the_cpu_op(values, shards, special):
 
 
 def _bucket_rows(W, shards, values, seed=0):
-    rows, sizes = [], []
-    for r in range(W):
-        comp = adacomp.AdaComp(values=values, min_numel=0)
-        bp, _ = comp.prepare_bucket(B_NAMES, _bucket_grads(seed * 10 + r), B_BINS, shards)
-        rows.append(bp.data.clone())
-        sizes.append(bp.sizes)
-    entries = []
-    for t, shape in enumerate(B_SHAPES):
-        n = torch.Size(shape).numel()
-        bounds = payload.shard_bounds(n, min(B_BINS[t], n), shards) if shards else [(0, n)]
-        for s, (a, b) in enumerate(bounds):
-            for r in range(W):
-                off = int(sizes[r].reshape(-1)[:s * len(B_SHAPES) + t].sum())
-                entries.append((t, a, b, r, off, int(sizes[r][s, t]), (b - a,) if shards else shape))
-    return rows, entries
+    from .test_bucket import _bucket
+
+    return _bucket(W, shards, values, seed, shapes=B_SHAPES, bins=B_BINS, make=_bucket_grads)
 
 
 def _decode_on(device, rows, entries, divisor=1):

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../wire.h"
-#include "../wire_check.h"
+#include "../wire_aten.h"
 #include "kernels.h"
 
 namespace adacomp {
@@ -70,13 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_emulated(
 
 void decode_bucket_emulated(at::TensorList outs, at::TensorList rows, at::IntArrayRef entries, int64_t divisor) {
   TORCH_CHECK_VALUE(divisor >= 1, "adacomp::_decode_bucket_emulated_: divisor must be >= 1");
-  std::vector<std::pair<float*, int64_t>> o;
-  std::vector<std::pair<const uint8_t*, int64_t>> r;
-  for (const at::Tensor& t : outs) o.emplace_back(t.data_ptr<float>(), t.numel());
-  for (const at::Tensor& t : rows) r.emplace_back(t.data_ptr<uint8_t>(), t.numel());
-  CheckPlan plan;
-  const std::string bad = plan_check(entries.data(), entries.size(), o, r, &plan);
-  TORCH_CHECK_VALUE(bad.empty(), bad);
+  const CheckPlan plan = check_plan_of(outs, rows, entries);
   const int64_t n = (int64_t)plan.entries.size(), G = (int64_t)plan.groups.size(), B = plan.total_bytes;
   const CheckEntry* es = plan.entries.data();
   std::vector<CheckParsed> parsed(n);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../decode.h"
+#include "../wire_aten.h"
 #include "bucket_core.cuh"
 #include "select_core.cuh"
 
@@ -240,13 +241,7 @@ void decode_bucket_cuda(at::TensorList outs, at::TensorList rows, at::IntArrayRe
     TORCH_CHECK_VALUE(r.scalar_type() == at::kByte && r.dim() == 1 && r.is_contiguous() && r.device() == device,
                       "adacomp::decode_bucket_: rows must be contiguous 1-D uint8 tensors on ", device,
                       " (the outputs' device)");
-  std::vector<std::pair<float*, int64_t>> o;
-  std::vector<std::pair<const uint8_t*, int64_t>> r;
-  for (const at::Tensor& t : outs) o.emplace_back(t.data_ptr<float>(), t.numel());
-  for (const at::Tensor& t : rows) r.emplace_back(t.data_ptr<uint8_t>(), t.numel());
-  CheckPlan plan;
-  const std::string bad = plan_check(entries.data(), entries.size(), o, r, &plan);
-  TORCH_CHECK_VALUE(bad.empty(), bad);
+  const CheckPlan plan = check_plan_of(outs, rows, entries);
   const int64_t n = (int64_t)plan.entries.size(), G = (int64_t)plan.groups.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(device);
