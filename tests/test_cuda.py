@@ -469,3 +469,18 @@ def test_one_host_synchronisation_per_bucket():
             comp.prepare_bucket(B_NAMES, grads, B_BINS)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_group_exchange_prepares_a_bucket_with_one_synchronisation():
+    """A DDP bucket's compressed tensors and its small tensors sent dense by rule (biases):
+    their flags travel behind the compression and are read after its one synchronisation."""
+    from adacomp.parallel.exchange import GroupExchange
+
+    comp = adacomp.AdaComp()  # default rules: 1-D and small tensors go dense
+    names = ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g).cuda() for s in [(64, 8, 3, 3), (64,), (300, 70), (300,)]]
+    GroupExchange(comp, names, grads, 2, rank=0, exchange="allgather")  # residues exist now
+    ex, n = _syncs(lambda: GroupExchange(comp, names, grads, 2, rank=0, exchange="allgather"))
+    assert n == 1, f"preparing the bucket made {n} host synchronisations"
+    assert ex.bucket is not None and ex.bucket.data.is_cuda

@@ -786,6 +786,32 @@ def dense_flags_of(tensors: list[torch.Tensor]) -> list[int]:
     return [FLAG_NONFINITE if not math.isfinite(a) else (FLAG_ZERO if a == 0 else 0) for a in amax]
 
 
+def dense_flags_start(tensors: list[torch.Tensor]):
+    """:func:`dense_flags_of`, started now and read by :func:`dense_flags_finish`. On CUDA the
+    reduction is enqueued and its result copied to pinned host memory without waiting, so
+    that reading it after a synchronisation of the stream that comes anyway (the bucket
+    compression's copy of its size table) costs no host synchronisation of its own."""
+    live = [t.detach() for t in tensors if t.numel() and t.is_floating_point()]
+    if not live or len(live) < len(tensors) or live[0].device.type != "cuda":
+        return tensors  # read as dense_flags_of does, in dense_flags_finish
+    amax = torch.stack(torch._foreach_norm(live, float("inf")))
+    host = torch.empty(amax.shape, dtype=amax.dtype, pin_memory=True)
+    host.copy_(amax, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def dense_flags_finish(started) -> list[int]:
+    """The flags of :func:`dense_flags_start`'s tensors."""
+    if isinstance(started, list):
+        return dense_flags_of(started)
+    host, done = started
+    if not done.query():  # not yet copied: wait (a synchronisation the caller did not save)
+        done.synchronize()
+    return [FLAG_NONFINITE if not math.isfinite(a) else (FLAG_ZERO if a == 0 else 0) for a in host.tolist()]
+
+
 def dense_flags(g: torch.Tensor) -> int:
     """Meta flags of a tensor sent dense: non-finite, or all zero."""
     if g.numel() == 0:
@@ -893,6 +919,8 @@ class GroupExchange:
         self.slot = {t: i for i, t in enumerate(chosen)}
         self.bucket = None
         self.pending = [None] * T
+        dense_t = [t for t in range(T) if t not in self.slot]
+        dense_started = dense_flags_start([self.grads[t] for t in dense_t])  # read after compressing
         if chosen:
             try:
                 self.bucket, pend = comp.prepare_bucket([self.names[t] for t in chosen],
@@ -907,8 +935,7 @@ class GroupExchange:
             piece_sizes = [list(col) for col in zip(*self.bucket.size_rows)]  # [tensor][piece]
         flags, sizes = [], []
         pad = [0] * (world - self.pieces)
-        dense_t = [t for t in range(T) if t not in self.slot]
-        dflags = dict(zip(dense_t, dense_flags_of([self.grads[t] for t in dense_t])))
+        dflags = dict(zip(dense_t, dense_flags_finish(dense_started)))
         for t in range(T):
             i = self.slot.get(t)
             if i is None:
@@ -921,8 +948,11 @@ class GroupExchange:
         self.hash = config_hash(comp, self.names, self.grads, self.bins, exchange)
         device = grads[0].device if grads else torch.device("cpu")
         plan = self.planner.header_fields(self.plan_key) if self.planner is not None else None
-        self._meta = torch.tensor(header_fields(self.hash, len(self.grads), self.pieces, STATUS_OK, plan)
-                                  + sizes + flags, dtype=torch.int64, device=device)
+        meta = torch.tensor(header_fields(self.hash, len(self.grads), self.pieces, STATUS_OK, plan)
+                            + sizes + flags, dtype=torch.int64)
+        if device.type == "cuda":  # pinned and non-blocking: no host synchronisation
+            meta = meta.pin_memory().to(device, non_blocking=True)
+        self._meta = meta.to(device)
         self.owner_pending_used: list[str] = []
         self.decisions: list[int] | None = None
         self.mode = None
