@@ -93,7 +93,8 @@ class TrafficStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "total": self._summary(self.total),
                 "last_step": self._summary(self.last),
-                "received_bytes": {"total": self.received["total"], "last_step": self.received["last_step"]}}
+                "received_bytes": {"total": self.received["total"], "last_step": self.received["last_step"]},
+                "modes": dict(self.modes)}
 
     def state_dict(self) -> dict:
         return {"total": copy.deepcopy(self.total), "steps": self.steps,

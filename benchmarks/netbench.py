@@ -675,6 +675,8 @@ def summarize(model: str, label: str, res: dict) -> dict:
             "script_received_bytes_per_step": traffic.get("received_bytes", {}).get("total", 0) / counted,
             # the same over the steady window (a dense warm-up left out), from train.py's wire curve
             "script_wire_bytes_per_step_steady": steady_wire,
+            # AdaComp: exchanges per mode over the run (rank 0), what `auto` chose
+            "exchange_modes": traffic.get("modes"),
             "metrics": run["metrics"], "net": net}
 
 
