@@ -23,6 +23,7 @@
 
 #include "../decode.h"
 #include "../wire.h"
+#include "../wire_aten.h"
 #include "kernels.h"
 
 namespace adacomp {
@@ -415,8 +416,6 @@ Parsed parse_header(const uint8_t* buf, int64_t total_len, const std::vector<uin
 }
 
 struct Entry : DecodedBody {
-  int64_t out, start, end, row, offset, nbytes;
-  std::vector<uint64_t> shape;
   Parsed head;
   bool nonfinite = false;
 };
@@ -434,59 +433,22 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
   for (const at::Tensor& r : rows)
     TORCH_CHECK_VALUE(r.scalar_type() == at::kByte && r.dim() == 1 && r.is_contiguous() && r.device().is_cpu(),
                       "adacomp::decode_bucket_: rows must be contiguous 1-D uint8 CPU tensors");
-  std::vector<Entry> ent;
-  for (size_t i = 0; i < entries.size();) {
-    TORCH_CHECK_VALUE(i + 7 <= entries.size() && entries[i + 6] >= 0 && i + 7 + entries[i + 6] <= entries.size(),
-                      "adacomp::decode_bucket_: malformed entry table");
-    Entry e;
-    e.out = entries[i];
-    e.start = entries[i + 1];
-    e.end = entries[i + 2];
-    e.row = entries[i + 3];
-    e.offset = entries[i + 4];
-    e.nbytes = entries[i + 5];
-    const int64_t nd = entries[i + 6];
-    uint64_t numel = 1;
-    for (int64_t d = 0; d < nd; ++d) {
-      e.shape.push_back((uint64_t)entries[i + 7 + d]);
-      numel *= (uint64_t)entries[i + 7 + d];
-    }
-    i += 7 + nd;
-    TORCH_CHECK_VALUE(e.out >= 0 && e.out < (int64_t)outs.size() && e.row >= 0 && e.row < (int64_t)rows.size(),
-                      "adacomp::decode_bucket_: entry names an output or row that does not exist");
-    TORCH_CHECK_VALUE(0 <= e.start && e.start <= e.end && e.end <= outs[e.out].numel() &&
-                          (uint64_t)(e.end - e.start) == numel,
-                      "adacomp::decode_bucket_: entry range does not match its output or shape");
-    TORCH_CHECK_VALUE(e.offset >= 0 && e.nbytes >= 0 && e.offset <= rows[e.row].numel() &&
-                          e.nbytes <= rows[e.row].numel() - e.offset,  // no sum: it could wrap
-                      "adacomp::decode_bucket_: entry bytes lie outside their row");
-    ent.push_back(std::move(e));
-  }
-  // Groups of consecutive entries with one range; ranges must not overlap.
+  // The table's checks and messages, and its groups (consecutive entries with one range;
+  // ranges must not overlap): plan_check, shared with the CUDA op.
+  const CheckPlan plan = check_plan_of(outs, rows, entries);
+  const std::vector<CheckEntry>& es = plan.entries;
+  std::vector<Entry> ent(es.size());
   std::vector<size_t> group_start;
-  for (size_t i = 0; i < ent.size(); ++i)
-    if (i == 0 || ent[i].out != ent[i - 1].out || ent[i].start != ent[i - 1].start || ent[i].end != ent[i - 1].end)
-      group_start.push_back(i);
-  group_start.push_back(ent.size());
+  for (size_t i = 0; i < es.size(); ++i)
+    if (i == 0 || es[i].group != es[i - 1].group) group_start.push_back(i);
+  group_start.push_back(es.size());
   const size_t G = group_start.size() - 1;
-  {
-    std::vector<std::tuple<int64_t, int64_t, int64_t>> ranges;
-    for (size_t g = 0; g < G; ++g) {
-      const Entry& e = ent[group_start[g]];
-      ranges.emplace_back(e.out, e.start, e.end);
-    }
-    std::sort(ranges.begin(), ranges.end());
-    for (size_t g = 1; g < ranges.size(); ++g)
-      TORCH_CHECK_VALUE(std::get<0>(ranges[g]) != std::get<0>(ranges[g - 1]) ||
-                            std::get<1>(ranges[g]) >= std::get<2>(ranges[g - 1]),
-                        "adacomp::decode_bucket_: output ranges overlap");
-  }
   // Validate: per group, every header (in order), then every body (in order), as
   // Payload.from_tensor for each payload of a decompress_sum call, then the call.
   for (size_t g = 0; g < G; ++g) {
     for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
-      Entry& e = ent[i];
-      e.head = parse_header(rows[e.row].data_ptr<uint8_t>() + e.offset, e.nbytes, e.shape);
+      const int64_t* dims = plan.dims.data() + es[i].dims_off;
+      ent[i].head = parse_header(es[i].data, es[i].nbytes, std::vector<uint64_t>(dims, dims + es[i].ndim));
     }
     for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) {
       Entry& e = ent[i];
@@ -496,8 +458,8 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
         continue;
       }
       const BodyLayout l = body_layout(h.numel, h.bin_size, h.n_sent, h.kind);
-      const uint8_t* body = rows[e.row].data_ptr<uint8_t>() + e.offset + h.header_bytes;
-      const int64_t nbody = e.nbytes - h.header_bytes;
+      const uint8_t* body = es[i].data + h.header_bytes;
+      const int64_t nbody = es[i].nbytes - h.header_bytes;
       const int code = decode_body(body, nbody, l, h.scale, &e);
       TORCH_CHECK_VALUE(code == kOk, "adacomp payload ", i - group_start[g], " is malformed: ",
                         decode_error_message(code));
@@ -508,10 +470,8 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
   // while it is in cache: one pass over the outputs. Blocks are disjoint, so they run in
   // parallel.
   std::vector<std::pair<size_t, int64_t>> blocks;  // (group, first element in the range)
-  for (size_t g = 0; g < G; ++g) {
-    const Entry& first = ent[group_start[g]];
-    for (int64_t lo = 0; lo < first.end - first.start; lo += kApplyBlock) blocks.emplace_back(g, lo);
-  }
+  for (size_t g = 0; g < G; ++g)
+    for (int64_t lo = 0; lo < plan.groups[g].numel; lo += kApplyBlock) blocks.emplace_back(g, lo);
   std::vector<char> group_nonfinite(G, 0);
   for (size_t g = 0; g < G; ++g)
     for (size_t i = group_start[g]; i < group_start[g + 1]; ++i) group_nonfinite[g] |= ent[i].nonfinite;
@@ -519,9 +479,8 @@ void decode_bucket_cpu(at::TensorList outs, at::TensorList rows, at::IntArrayRef
   at::parallel_for(0, (int64_t)blocks.size(), 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const auto [g, lo] = blocks[k];
-      const Entry& first = ent[group_start[g]];
-      const int64_t hi = std::min(first.end - first.start, lo + kApplyBlock);
-      float* o = outs[first.out].data_ptr<float>() + first.start + lo;
+      const int64_t hi = std::min(plan.groups[g].numel, lo + kApplyBlock);
+      float* o = plan.groups[g].out + lo;
       if (group_nonfinite[g]) {
         std::fill(o, o + (hi - lo), NAN);
         continue;
