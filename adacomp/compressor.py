@@ -161,10 +161,7 @@ class AdaComp:
     def _native(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` goes through the bucket op of the extension: CPU tensors with the
         C++ backend, CUDA tensors with the CUDA backend (on the compressor's device)."""
-        device = grad.device if self.device is None else self.device
-        if device.type == "cpu":
-            return ops.backend("cpu") == "cpp"
-        return device.type == "cuda" and ops.backend(device) == "cuda"
+        return ops.has_bucket_ops(grad.device if self.device is None else self.device)
 
     def _checked(self, name, grad) -> torch.Tensor:
         """``grad`` detached (on the compressor's device), after the checks every path makes."""

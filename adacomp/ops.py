@@ -90,6 +90,13 @@ def backend(device: torch.device | str = "cpu") -> str:
     return avail[0]
 
 
+def has_bucket_ops(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` take the extension's per-bucket ops
+    (``adacomp::compress_bucket`` / ``decode_bucket_``): the C++ backend on CPU, the CUDA
+    backend on CUDA."""
+    return backend(device) in ("cpp", "cuda")
+
+
 _warned = [False]
 
 

@@ -623,11 +623,7 @@ def decode_bucket_(outs: list[torch.Tensor], rows: list[torch.Tensor], entries: 
     from . import ops
 
     device = outs[0].device if outs else None
-    native = device is not None and all(o.device == device for o in outs) and (
-        (device.type == "cpu" and ops.backend("cpu") == "cpp")
-        or (device.type == "cuda" and ops.backend(device) == "cuda"
-            and all(r.device == device for r in rows)))
-    if native:
+    if device is not None and all(t.device == device for t in (*outs, *rows)) and ops.has_bucket_ops(device):
         flat = []
         for o, s, e, r, off, nb, shape in entries:
             flat += [o, s, e, r, off, nb, len(shape), *shape]

@@ -18,6 +18,7 @@ docs/algorithm.md section 5 for the contracts.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations at runtime.
+import contextlib
 import functools
 import logging
 import queue
@@ -458,11 +459,8 @@ class _Worker:
         while True:
             fn, fut, stream = self.queue.get()
             try:
-                if stream is None:
+                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
                     fut.set_result((True, fn()))
-                else:
-                    with torch.cuda.stream(stream):
-                        fut.set_result((True, fn()))
             except BaseException as exc:  # noqa: BLE001 - handed to DDP, which raises it
                 fut.set_result((False, exc))
 

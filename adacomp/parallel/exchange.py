@@ -782,7 +782,11 @@ def dense_flags_of(tensors: list[torch.Tensor]) -> list[int]:
         return [dense_flags(t) for t in tensors]
     if not live:
         return []
-    amax = torch.stack(torch._foreach_norm(live, float("inf"))).tolist()
+    return _flags_of_amax(torch.stack(torch._foreach_norm(live, float("inf"))).tolist())
+
+
+def _flags_of_amax(amax: list[float]) -> list[int]:
+    """Meta flags from each dense tensor's largest magnitude: non-finite, all zero, or 0."""
     return [FLAG_NONFINITE if not math.isfinite(a) else (FLAG_ZERO if a == 0 else 0) for a in amax]
 
 
@@ -809,17 +813,14 @@ def dense_flags_finish(started) -> list[int]:
     host, done = started
     if not done.query():  # not yet copied: wait (a synchronisation the caller did not save)
         done.synchronize()
-    return [FLAG_NONFINITE if not math.isfinite(a) else (FLAG_ZERO if a == 0 else 0) for a in host.tolist()]
+    return _flags_of_amax(host.tolist())
 
 
 def dense_flags(g: torch.Tensor) -> int:
     """Meta flags of a tensor sent dense: non-finite, or all zero."""
     if g.numel() == 0:
         return FLAG_ZERO
-    amax = float(g.detach().abs().amax())
-    if not math.isfinite(amax):
-        return FLAG_NONFINITE
-    return FLAG_ZERO if amax == 0 else 0
+    return _flags_of_amax([float(g.detach().abs().amax())])[0]
 
 
 def config_hash(comp: AdaComp, names, grads, bins, exchange: str) -> int:
@@ -1447,8 +1448,7 @@ class GroupExchange:
         overhead = meta_bytes
         received += (W - 1) * meta_bytes
         if self.slot_plan is not None:  # one round: every rank sends its whole slot (and tail)
-            counted = 4 * sum(self.grads[t].numel() for t in self.merged
-                              if self.decisions[t] == DENSE_RULE)
+            counted = self._merged_bytes_of([t for t in self.merged if self.decisions[t] == DENSE_RULE])
             sizes = self.gather_sizes()
             if self.slot_plan.capacity is None:  # in band: each rank its own bytes
                 sent = sizes[me]
