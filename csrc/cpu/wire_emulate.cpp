@@ -58,13 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_emulated(
   uint8_t* out = data.data_ptr<uint8_t>();
   for (int64_t k = 0; k < plan.total; ++k)
     out[k] = wire_byte(plan.pieces.data(), (int64_t)plan.pieces.size(), tensors.data(), plan.headers.data(), k);
-  auto sizes = at::tensor(at::ArrayRef<int64_t>(plan.sizes), at::kLong).reshape({P, T});
-  auto info = at::empty({T, 3}, at::kLong);
-  for (int64_t t = 0; t < T; ++t) {
-    info[t][0] = rows[t * stride + kSumSent];
-    info[t][1] = rows[t * stride + kSumNonfinite];
-    info[t][2] = rows[t * stride + kSumZero];
-  }
+  auto [sizes, info] = bucket_sizes_and_info(plan, rows.data(), stride, P, T);
   return {data, sizes, info};
 }
 

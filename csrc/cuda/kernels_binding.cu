@@ -214,15 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_bucket_cuda(
                                      reinterpret_cast<const WireTensor*>(b + at_[1]), b + at_[2],
                                      data.data_ptr<uint8_t>(), plan.total, stream));
   }
-  auto sizes = at::tensor(at::ArrayRef<int64_t>(plan.sizes), at::kLong).reshape({P, T});
-  auto info = at::empty({T, 3}, at::kLong);
-  const int64_t* r = rows.data_ptr<int64_t>();
-  int64_t* inf = info.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    inf[3 * t] = r[t * stride + kSumSent];
-    inf[3 * t + 1] = r[t * stride + kSumNonfinite];
-    inf[3 * t + 2] = r[t * stride + kSumZero];
-  }
+  auto [sizes, info] = bucket_sizes_and_info(plan, rows.data_ptr<int64_t>(), stride, P, T);
   return {data, sizes, info};
 }
 
